@@ -1,0 +1,281 @@
+"""Typed configuration: dataclass defaults, YAML deltas and dotted command-line overrides.
+
+Every default lives in the dataclasses below. A YAML file holds only what differs, and
+``key.sub=value`` overrides are coerced to the field's type. Unknown keys and bad values fail
+with a :class:`ConfigError` that names the key and lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shlex
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is invalid."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "casme2"          # casme2 | samm | smic | casme3 | megc2019_flow28
+    root: str = "data/synthetic"     # dataset folder (frames, or the flow benchmark)
+    annotations: str = ""            # coding sheet; empty: the one sheet found in `root`
+    label_map: str = "casme2_7"      # casme2_7 | megc_4 | megc2019_3
+    image_size: int = 128
+    sequence_length: int = 16
+    color: str = "gray"              # gray | rgb
+    augmentation: bool = False
+    features_dir: str = ""           # stage 2 without lineage: a local features folder
+    cache_dir: str = ".cache/mexp"
+    skip_bad_clips: bool = False
+    frames: str = "apex"             # stage-1 training frames: apex | all
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""                   # registry name; empty: the stage's own model
+    num_classes: int = 7
+    input_channels: int = 1
+    feature_dim: int = 256           # CNN per-frame embedding size
+    hidden_size: int = 128
+    num_layers: int = 2
+    dropout: float = 0.3
+    dim: int = 64                    # ROI Transformer width
+    heads: int = 4
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"          # adam | adamw | sgd
+    weight_decay: float = 0.0
+    cv_folds: int = 5
+    cv_method: str = "StratifiedGroupKFold"   # StratifiedGroupKFold | LOSO
+    val_fraction: float = 0.2        # share of training subjects held out for model selection
+    early_stopping: int = 0          # patience in epochs on the validation split; 0: final epoch
+    class_weighted: bool = False
+    seed: int = 42
+    device: str = "auto"             # auto | cpu | cuda
+    num_threads: int = 0             # torch threads; 0: leave torch's default
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs"
+    local: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "mexp"
+    uri: str = ""                    # empty: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+
+
+@dataclass
+class SynthConfig:
+    out: str = "data/synthetic"
+    subjects: int = 26
+    clips: int = 255
+    frames: int = 30
+    image_size: int = 128
+    amplitude: float = 2.0           # peak AU motion in pixels
+    amplitude_jitter: float = 0.5    # +- uniform spread of the peak motion
+    noise: float = 2.0               # sensor noise, grey levels (sigma)
+    jitter: float = 0.3              # head jitter, pixels (random-walk step sigma)
+    illumination: float = 0.03       # relative brightness drift over a clip
+    seed: int = 0
+    jpeg_quality: int = 95
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    cnn_run_id: str = ""
+    features_run_id: str = ""
+    resume_run_id: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self, *sections: str) -> str:
+        """sha256 (16 hex) of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, as logged to MLflow params."""
+        return flatten(self.to_dict())
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _hints(obj) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert `value` (from YAML or the command line) to the field type `typ`."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "yes", "1", "on"):
+                return True
+            if s in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, str):
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if value is None:
+                return ""
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not a valid {typ.__name__}") from None
+    raise ConfigError(f"config key '{key}': unsupported field type {typ}")
+
+
+def _valid_keys(obj, prefix: str = "") -> list[str]:
+    return [prefix + f.name for f in dataclasses.fields(obj)]
+
+
+def apply_dict(cfg: Any, delta: dict, prefix: str = "", source: str = "") -> None:
+    """Apply a nested dict onto a dataclass instance in place, validating every key."""
+    if not isinstance(delta, dict):
+        raise ConfigError(f"{source}config section '{prefix.rstrip('.') or '<root>'}' "
+                          f"must be a mapping, got {type(delta).__name__}")
+    hints = _hints(cfg)
+    for k, v in delta.items():
+        key = f"{prefix}{k}"
+        if k not in hints:
+            raise ConfigError(f"{source}unknown config key '{key}'; valid keys: "
+                              + ", ".join(_valid_keys(cfg, prefix)))
+        cur = getattr(cfg, k)
+        if dataclasses.is_dataclass(cur):
+            apply_dict(cur, v if v is not None else {}, key + ".", source)
+        else:
+            setattr(cfg, k, _coerce(v, hints[k], key))
+
+
+def parse_overrides(overrides: str | list[str] | None) -> dict:
+    """'a.b=1 c=x' (or a list of such items) -> nested dict of YAML-parsed values."""
+    if not overrides:
+        return {}
+    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
+    out: dict = {}
+    for item in items:
+        for part in shlex.split(item) if " " in item.strip() else [item]:
+            if "=" not in part:
+                raise ConfigError(f"override '{part}' is not of the form key=value")
+            key, raw = part.split("=", 1)
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            node = out
+            *parents, leaf = key.strip().split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override '{part}' conflicts with another override")
+            node[leaf] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: str | list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Defaults <- `base` (a stage's own delta) <- YAML file <- overrides."""
+    cfg = Config()
+    if base:
+        apply_dict(cfg, base, source="stage defaults: ")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            delta = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        apply_dict(cfg, delta, source=f"{p}: ")
+    apply_dict(cfg, parse_overrides(overrides), source="override: ")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.color": ("gray", "rgb"),
+    "data.label_map": ("casme2_7", "megc_4", "megc2019_3"),
+    "data.frames": ("apex", "all"),
+    "training.optimizer": ("adam", "adamw", "sgd"),
+    "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
+    "training.device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    flat = cfg.flat()
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of {list(allowed)}")
+    positive = ["data.image_size", "data.sequence_length", "model.num_classes",
+                "model.input_channels", "training.batch_size", "synth.subjects",
+                "synth.clips", "synth.frames", "synth.image_size"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
+    if flat["training.epochs"] < 0 or flat["training.lr"] <= 0:
+        raise ConfigError("config keys 'training.epochs' must be >= 0 and 'training.lr' > 0")
+    if not 0.0 <= flat["training.val_fraction"] < 1.0:
+        raise ConfigError("config key 'training.val_fraction' must be in [0, 1)")
+    if not 0.0 <= flat["model.dropout"] < 1.0:
+        raise ConfigError("config key 'model.dropout' must be in [0, 1)")
+    if cfg.training.cv_method == "StratifiedGroupKFold" and cfg.training.cv_folds < 2:
+        raise ConfigError("config key 'training.cv_folds' must be >= 2")
+    if cfg.synth.frames < 8:
+        raise ConfigError("config key 'synth.frames' must be >= 8 (onset, apex, offset need room)")
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    p = Path(path)
+    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    return p
