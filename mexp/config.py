@@ -205,19 +205,18 @@ def parse_overrides(overrides: str | list[str] | None) -> dict:
         return {}
     items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     out: dict = {}
-    for item in items:
-        for part in shlex.split(item) if " " in item.strip() else [item]:
-            if "=" not in part:
-                raise ConfigError(f"override '{part}' is not of the form key=value")
-            key, raw = part.split("=", 1)
-            value = yaml.safe_load(raw) if raw.strip() else ""
-            node = out
-            *parents, leaf = key.strip().split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override '{part}' conflicts with another override")
-            node[leaf] = value
+    for part in items:
+        if "=" not in part:
+            raise ConfigError(f"override '{part}' is not of the form key=value")
+        key, raw = part.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{part}' conflicts with another override")
+        node[leaf] = value
     return out
 
 

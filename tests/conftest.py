@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny synthetic data, the reference data folder, a per-test tracking store."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mexp.config import Config, SynthConfig
+from mexp.data.datasets import shared_data_dir
+from mexp.data.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if not (d / "annotations").is_dir():
+        pytest.skip(f"reference data not found at {d} (set MEXP_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def annotations(shared_data) -> Path:
+    return shared_data / "annotations"
+
+
+def tiny_synth(**kw) -> SynthConfig:
+    base = dict(subjects=6, clips=42, frames=12, image_size=48, seed=3)
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A tiny synthetic dataset, generated once per session (read-only for tests)."""
+    root = tmp_path_factory.mktemp("synth")
+    generate(tiny_synth(), root)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(synth_root, tmp_path) -> Config:
+    cfg = Config()
+    cfg.data.root = str(synth_root)
+    cfg.data.image_size = 32
+    cfg.data.sequence_length = 8
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.output.dir = str(tmp_path / "out")
+    return cfg
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return uri
