@@ -36,6 +36,7 @@ class DataConfig:
     cache_dir: str = ".cache/mexp"
     skip_bad_clips: bool = False
     frames: str = "apex"             # stage-1 training frames: apex | all
+    input: str = "raw"               # raw frames, or diff: each frame minus the onset frame
 
 
 @dataclass
@@ -97,6 +98,11 @@ class SynthConfig:
 
 
 @dataclass
+class Stage1Config:
+    scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,9 +110,11 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     cnn_run_id: str = ""
     features_run_id: str = ""
     resume_run_id: str = ""
+    force: bool = False              # main: recompute stages even when a matching run exists
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,6 +252,8 @@ _CHOICES = {
     "data.color": ("gray", "rgb"),
     "data.label_map": ("casme2_7", "megc_4", "megc2019_3"),
     "data.frames": ("apex", "all"),
+    "data.input": ("raw", "diff"),
+    "stage1.scope": ("per_fold", "all_subjects"),
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
     "training.device": ("auto", "cpu", "cuda"),

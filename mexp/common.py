@@ -1,0 +1,70 @@
+"""What every training stage does the same way: torch set-up, the fold plan, the dataset
+as an MLflow input, local output folders and the one-line summary."""
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+import torch
+
+from mexp.config import Config
+from mexp.cv import FoldPlan, FoldPlanError, check_plan, make_plan
+from mexp.tracking import T, download
+
+log = logging.getLogger(__name__)
+
+
+def setup_torch(cfg: Config) -> None:
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def fold_plan(cfg: Config, ids, groups, labels) -> FoldPlan:
+    t = cfg.training
+    return make_plan(ids, groups, labels, method=t.cv_method, n_folds=t.cv_folds, seed=t.seed,
+                     val_fraction=t.val_fraction)
+
+
+def log_plan(plan: FoldPlan, sample_ids) -> None:
+    """fold_plan.json on the active run, checked against the data first; on a resumed run
+    the plan must be the one the run started with."""
+    check_plan(plan, sample_ids)
+    run = mlflow.active_run()
+    have = run.data.tags.get(T + "fold_plan_digest") if run else None
+    if have and have != plan.digest:
+        raise FoldPlanError(f"run {run.info.run_id} was started with fold plan {have}, "
+                            f"not {plan.digest}: resume it with the same config")
+    mlflow.set_tag(T + "fold_plan_digest", plan.digest)
+    mlflow.set_tag(T + "cv_method", plan.method)
+    mlflow.log_text(plan.to_json(), "fold_plan.json")
+
+
+def fetch_plan(run_id: str) -> FoldPlan:
+    with tempfile.TemporaryDirectory() as d:
+        return FoldPlan.load(download(run_id, "fold_plan.json", d))
+
+
+def log_dataset(table, digest: str, name: str) -> None:
+    """The dataset as an MLflow input (name, digest, size) plus its digest as a tag."""
+    cols = [c for c in ("sample_id", "dataset", "subject", "label") if c in table.columns]
+    with warnings.catch_warnings():  # MLflow's schema hint about integer columns is noise here
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(table[cols], name=name, digest=digest, targets="label")
+    mlflow.log_input(ds, context="training")
+    mlflow.set_tags({T + "data_digest": digest, T + "dataset": name, T + "n_samples": len(table)})
+
+
+def out_dir(cfg: Config) -> Path | None:
+    return Path(cfg.output.dir) if cfg.output.local else None
+
+
+def summary_line(stage: str, s: dict, run_id: str, extra: str = "") -> str:
+    uri = mlflow.get_tracking_uri()
+    line = (f"{stage}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  accuracy {s['accuracy']:.4f} "
+            f"over {s['folds']} folds ({s['n']} clips); run {run_id}{extra}; "
+            f"see it with: mlflow ui --backend-store-uri {uri}")
+    return line

@@ -1,0 +1,63 @@
+"""Figures people look at: confusion matrices, learning curves, per-subject scores."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_figure(cm: np.ndarray, classes, title: str = ""):
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.6 * len(classes)))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve_figure(history_by_fold: dict[str, list[dict]], title: str = ""):
+    """Train and validation loss per epoch: each fold thin, the mean thick."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, colour in (("train/loss", "tab:blue"), ("val/loss", "tab:orange")):
+        curves = [[r[key] for r in h if key in r] for h in history_by_fold.values()]
+        curves = [c for c in curves if c]
+        for c in curves:
+            ax.plot(range(1, len(c) + 1), c, color=colour, alpha=0.2, lw=0.8)
+        if curves:
+            n = min(len(c) for c in curves)
+            ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], 0), color=colour, lw=2,
+                    label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def per_subject_figure(per_subject: dict[str, dict], title: str = ""):
+    names = list(per_subject)
+    acc = [per_subject[n]["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(names)), 3))
+    ax.bar(range(len(names)), acc, color="tab:green")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""The thin MLflow layer the stages call: tracking set-up, stage runs with config, tags and
+batched metrics, lineage lookups between stages, and artifact download by run id."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mexp import __version__
+from mexp.config import Config
+
+log = logging.getLogger(__name__)
+T = "mexp."  # tag prefix
+PKG = Path(__file__).resolve().parent
+
+
+class TrackingError(RuntimeError):
+    """The tracking server is unreachable, or a run id is wrong for what it is used for."""
+
+
+class LineageError(TrackingError):
+    """A parent run of the wrong stage, unfinished, or with a different fold plan or data."""
+
+
+def tracking_uri(cfg: Config) -> str:
+    return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path('mlflow.db').resolve()}")
+
+
+def configure(cfg: Config) -> str:
+    """Point MLflow at the tracking store and experiment; fail fast naming the URI."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    try:
+        if os.environ.get("MLFLOW_EXPERIMENT_ID") and not mlflow.active_run():
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+    except MlflowException as e:
+        raise TrackingError(f"cannot use tracking server {uri}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # connection errors surface as several request exception types
+        raise TrackingError(f"cannot reach tracking server {uri}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}") from None
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PKG, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 (16 hex) of the package's source: the code version that reuse is keyed on."""
+    h = hashlib.sha256(__version__.encode())
+    for p in sorted(PKG.rglob("*.py")) + sorted(PKG.rglob("*.yaml")):
+        h.update(p.relative_to(PKG).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def data_identity(cfg: Config) -> str:
+    """Digest of what names the dataset and its labels (not how it is preprocessed)."""
+    d = cfg.data
+    return hashlib.sha256(repr((d.dataset, d.root, d.annotations, d.label_map)).encode()
+                          ).hexdigest()[:16]
+
+
+def log_config(cfg: Config, run_id: str) -> None:
+    """config.yaml artifact and flattened params, skipping keys the run already holds
+    (`mlflow run` logs its -P values first, and re-logging a param with a new value raises)."""
+    client = MlflowClient()
+    have = client.get_run(run_id).data.params
+    params = {k: str(v)[:6000] for k, v in cfg.flat().items() if k not in have}
+    items = list(params.items())
+    from mlflow.entities import Param
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+
+
+@contextmanager
+def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict | None = None,
+              resume_run_id: str = ""):
+    """Open the stage's run (nested under an active run, attached to `mlflow run`'s run, or
+    resumed), log config and tags; a failure marks the run FAILED and re-raises."""
+    configure(cfg)
+    if resume_run_id:
+        check_run(resume_run_id, stage, finished=False)
+        run = mlflow.start_run(run_id=resume_run_id)
+    else:
+        run = mlflow.start_run(run_name=run_name or stage, nested=mlflow.active_run() is not None)
+    rid = run.info.run_id
+    try:
+        base = {T + "stage": stage, T + "config_digest": cfg.digest(),
+                T + "data_config": data_identity(cfg), T + "git_commit": git_commit(),
+                T + "code_digest": code_digest(), T + "version": __version__}
+        mlflow.set_tags({**base, **(tags or {})})
+        log_config(cfg, rid)
+        yield run
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run()
+
+
+def log_history(run_id: str, history: list[dict], prefix: str = "") -> None:
+    """Per-epoch metrics in batches of 1000 (one call per metric is 10-300x slower)."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(prefix + k, float(v), now, int(row["epoch"]))
+               for row in history for k, v in row.items() if k != "epoch"]
+    client = MlflowClient()
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
+def check_run(run_id: str, stage: str, finished: bool = True):
+    """The run, after checking that it exists, is of `stage`, and (if asked) FINISHED."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise LineageError(f"run id {run_id!r} not found on {mlflow.get_tracking_uri()}") from None
+    got = run.data.tags.get(T + "stage")
+    if got != stage:
+        raise LineageError(f"run {run_id} is a '{got}' run, not a '{stage}' run")
+    if finished and run.info.status != "FINISHED":
+        raise LineageError(f"run {run_id} ({stage}) is {run.info.status}, not FINISHED")
+    return run
+
+
+def latest_run(stage: str, cfg: Config):
+    """The newest FINISHED run of `stage` in the experiment whose data config matches."""
+    exp = configure(cfg)
+    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}data_config` = '{data_identity(cfg)}' "
+           f"and attributes.status = 'FINISHED'")
+    runs = MlflowClient().search_runs([exp], flt, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+    return runs[0] if runs else None
+
+
+def resolve_parent(cfg: Config, run_id: str, stage: str):
+    """The given run (checked), or the latest matching FINISHED run of `stage`."""
+    if run_id:
+        return check_run(run_id, stage)
+    run = latest_run(stage, cfg)
+    if run is None:
+        raise LineageError(f"no FINISHED '{stage}' run for this data config in experiment "
+                           f"'{cfg.tracking.experiment}'; run {stage} first or pass its run id")
+    log.info("using the latest FINISHED %s run %s (%s)", stage, run.info.run_id,
+             run.info.run_name)
+    return run
+
+
+def download(run_id: str, path: str, dst: str | Path) -> Path:
+    """Fetch an artifact through MLflow (works for local stores and remote servers)."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
+                                                        dst_path=str(dst)))
+    except (MlflowException, OSError) as e:
+        raise LineageError(f"run {run_id} has no artifact '{path}': {str(e).splitlines()[0]}") from None
+
+
+def find_reusable(cfg: Config, stage: str, reuse_key: str):
+    exp = configure(cfg)
+    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}reuse_key` = '{reuse_key}' "
+           f"and attributes.status = 'FINISHED'")
+    runs = MlflowClient().search_runs([exp], flt, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+    return runs[0] if runs else None

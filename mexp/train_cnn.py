@@ -1,0 +1,111 @@
+"""Stage 1 `train_cnn`: a spatial CNN per fold, trained on that fold's training subjects only.
+
+    python -m mexp.train_cnn --config configs/cnn_stage1.yaml [key=value ...]
+
+The fold plan is fixed here and logged (`fold_plan.json`); every later stage uses it.
+`stage1.scope=all_subjects` reproduces the original toolkit's single CNN on all subjects: its
+runs are tagged as leaking and every summary downstream says so.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+from mexp import cli
+from mexp.common import fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.config import Config
+from mexp.crossval import FoldOutput, run_folds
+from mexp.cv import Fold
+from mexp.data.datasets import FLOW28, ClipSet, load_dataset
+from mexp.data.inputs import images_to_tensor, make_augment, prepare_clips, stage1_frames
+from mexp.engine import fit, predict_proba, resolve_device, set_seed
+from mexp.models import create_model
+from mexp.tracking import T, stage_run
+
+log = logging.getLogger(__name__)
+STAGE = "train_cnn"
+
+
+def build_cnn(cfg: Config, channels: int, num_classes: int):
+    return create_model(cfg.model.name or "cnn", num_classes=num_classes, input_channels=channels,
+                        feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout)
+
+
+def images(cfg: Config, cs: ClipSet) -> np.ndarray:
+    """Clips after the configured input transform (flow images are used as they are)."""
+    return cs.clips if cfg.data.dataset == FLOW28 else prepare_clips(cs.clips, cfg.data.input)
+
+
+def check_channels(cfg: Config, clips: np.ndarray) -> int:
+    c = clips.shape[-1]
+    if cfg.model.input_channels != c:
+        raise ValueError(f"model.input_channels={cfg.model.input_channels} but the data have "
+                         f"{c} channel(s) (data.dataset={cfg.data.dataset}, data.color={cfg.data.color})")
+    return c
+
+
+def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray):
+    augment = make_augment("flow" if cfg.data.dataset == FLOW28 else "frames") \
+        if cfg.data.augmentation else None
+    device = resolve_device(cfg.training.device)
+    ids = cs.table["sample_id"].to_numpy()
+
+    def fold_fn(k: int, fold: Fold) -> FoldOutput:
+        tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
+        x_tr, owner = stage1_frames(clips[tr], cs.apex[tr], cfg.data.frames)
+        x_va = clips[va, cs.apex[va]]
+        set_seed(cfg.training.seed + k)
+        model = build_cnn(cfg, clips.shape[-1], len(cs.classes))
+        res = fit(model, (x_tr, cs.labels[tr][owner]), (x_va, cs.labels[va]) if len(va) else None,
+                  cfg.training, len(cs.classes), images_to_tensor, augment,
+                  seed=cfg.training.seed + k, desc=f"fold {fold.name}")
+        probs = predict_proba(model, clips[te, cs.apex[te]], images_to_tensor,
+                              cfg.training.batch_size, device)
+        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+    return fold_fn
+
+
+def train_all_subjects(cfg: Config, cs: ClipSet, clips: np.ndarray) -> None:
+    """The original toolkit's leaking stage 1: one CNN on every subject, final epoch."""
+    x, owner = stage1_frames(clips, cs.apex, cfg.data.frames)
+    set_seed(cfg.training.seed)
+    model = build_cnn(cfg, clips.shape[-1], len(cs.classes))
+    res = fit(model, (x, cs.labels[owner]), None, cfg.training, len(cs.classes),
+              images_to_tensor, seed=cfg.training.seed, desc="all subjects")
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(res.state, Path(d) / "model.pth")
+        mlflow.log_artifact(str(Path(d) / "model.pth"), "all_subjects")
+    mlflow.set_tags({T + "leak": "true", T + "scope": "all_subjects"})
+    log.warning("stage1.scope=all_subjects: ONE CNN trained on every subject; stage-2 "
+                "cross-validation on its features leaks the test subjects")
+
+
+def main(cfg: Config) -> dict:
+    setup_torch(cfg)
+    cs = load_dataset(cfg.data)
+    clips = images(cfg, cs)
+    check_channels(cfg, clips)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
+    with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
+                   tags={T + "model": cfg.model.name or "cnn"}) as run:
+        log_dataset(cs.table, cs.digest, cfg.data.dataset)
+        log_plan(plan, cs.table["sample_id"])
+        if cfg.stage1.scope == "all_subjects":
+            train_all_subjects(cfg, cs, clips)
+            print(f"{STAGE}: one CNN on all subjects (LEAKING scope); run {run.info.run_id}")
+            return {"run_id": run.info.run_id, "leak": True}
+        table = cs.table.assign(subject=cs.groups)
+        summary = run_folds(plan, table, cs.classes, STAGE, make_fold_fn(cfg, cs, clips),
+                            out_dir(cfg))
+        summary["run_id"] = run.info.run_id
+    print(summary_line(STAGE, summary, summary["run_id"]))
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, __doc__)

@@ -1,0 +1,113 @@
+"""Stage 2 `train_lstm`: an LSTM over each fold's feature sequences, scored on that fold.
+
+    python -m mexp.train_lstm --config configs/lstm_stage2.yaml [features_run_id=<id>]
+    mlflow run . -e train_lstm --env-manager local -P overrides="features_run_id=<id> training.epochs=5"
+
+Inputs, in order: `features_run_id`; else the latest FINISHED extract_features run with the same
+data config; else a local `data.features_dir` written by extract_features.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mexp import cli
+from mexp.common import log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.config import Config
+from mexp.crossval import FoldOutput, run_folds
+from mexp.cv import Fold, FoldPlan
+from mexp.data.datasets import resolve_path
+from mexp.data.inputs import features_to_tensor
+from mexp.engine import fit, predict_proba, resolve_device, set_seed
+from mexp.models import create_model
+from mexp.tracking import T, LineageError, check_run, configure, download, latest_run, stage_run
+
+log = logging.getLogger(__name__)
+STAGE = "train_lstm"
+
+
+class Features:
+    """A features folder: index.csv, fold_plan.json, lineage.json, fold=<name>.npy."""
+
+    def __init__(self, folder: Path, run_id: str = ""):
+        self.folder, self.run_id = folder, run_id
+        for f in ("index.csv", "fold_plan.json", "lineage.json"):
+            if not (folder / f).is_file():
+                raise LineageError(f"features folder {folder} has no {f}: not written by "
+                                   "extract_features")
+        self.table = pd.read_csv(folder / "index.csv", dtype={"subject": str, "group": str})
+        self.plan = FoldPlan.load(folder / "fold_plan.json")
+        self.lineage = json.loads((folder / "lineage.json").read_text())
+
+    def fold(self, name: str) -> np.ndarray:
+        p = self.folder / f"fold={name}.npy"
+        if not p.is_file():
+            raise LineageError(f"features for fold {name} missing in {self.folder}")
+        return np.load(p)
+
+
+def resolve_features(cfg: Config, tmp: Path) -> Features:
+    if cfg.features_run_id:
+        check_run(cfg.features_run_id, "extract_features")
+        return Features(download(cfg.features_run_id, "features", tmp), cfg.features_run_id)
+    run = latest_run("extract_features", cfg)
+    if run is not None:
+        log.info("using the latest FINISHED extract_features run %s", run.info.run_id)
+        return Features(download(run.info.run_id, "features", tmp), run.info.run_id)
+    if cfg.data.features_dir and resolve_path(cfg.data.features_dir).is_dir():
+        log.info("using the local features folder %s", cfg.data.features_dir)
+        return Features(resolve_path(cfg.data.features_dir))
+    raise LineageError("no features: pass features_run_id, run extract_features first, or set "
+                       "data.features_dir to a folder extract_features wrote")
+
+
+def make_fold_fn(cfg: Config, feats: Features, classes):
+    ids = feats.table["sample_id"].to_numpy()
+    pos = {s: i for i, s in enumerate(ids)}
+    labels = feats.table["label"].to_numpy(np.int64)
+    device = resolve_device(cfg.training.device)
+
+    def fold_fn(k: int, fold: Fold) -> FoldOutput:
+        x = feats.fold(fold.name).astype(np.float32)          # (N, T, D)
+        tr, va, te = ([pos[i] for i in s] for s in (fold.train_ids, fold.val_ids, fold.test_ids))
+        set_seed(cfg.training.seed + k)
+        model = create_model(cfg.model.name or "lstm", num_classes=len(classes),
+                             input_dim=x.shape[-1], hidden_size=cfg.model.hidden_size,
+                             num_layers=cfg.model.num_layers, dropout=cfg.model.dropout)
+        res = fit(model, (x[tr], labels[tr]), (x[va], labels[va]) if va else None, cfg.training,
+                  len(classes), features_to_tensor, seed=cfg.training.seed + k,
+                  desc=f"fold {fold.name}")
+        probs = predict_proba(model, x[te], features_to_tensor, cfg.training.batch_size, device)
+        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+    return fold_fn
+
+
+def main(cfg: Config) -> dict:
+    setup_torch(cfg)
+    configure(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        feats = resolve_features(cfg, Path(tmp))
+        lin = feats.lineage
+        leak = bool(lin.get("leak"))
+        tags = {T + "parent_run_id": feats.run_id, T + "features_run_id": feats.run_id,
+                T + "cnn_run_id": lin["cnn_run_id"], T + "leak": str(leak).lower(),
+                T + "model": cfg.model.name or "lstm"}
+        with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
+            log_dataset(feats.table, lin["data_digest"], lin.get("dataset", "features"))
+            log_plan(feats.plan, feats.table["sample_id"])
+            table = feats.table.assign(subject=feats.table["group"])
+            summary = run_folds(feats.plan, table, lin["classes"], STAGE,
+                                make_fold_fn(cfg, feats, lin["classes"]), out_dir(cfg))
+            summary |= {"run_id": run.info.run_id, "leak": leak}
+    warn = " -- LEAKING: the stage-1 CNN saw the test subjects" if leak else ""
+    print(summary_line(STAGE, summary, summary["run_id"], warn))
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, __doc__)
