@@ -54,7 +54,7 @@ def log_dataset(table, digest: str, name: str) -> None:
     with warnings.catch_warnings():  # MLflow's schema hint about integer columns is noise here
         warnings.simplefilter("ignore", UserWarning)
         ds = mlflow.data.from_pandas(table[cols], name=name, digest=digest, targets="label")
-    mlflow.log_input(ds, context="training")
+        mlflow.log_input(ds, context="training")
     mlflow.set_tags({T + "data_digest": digest, T + "dataset": name, T + "n_samples": len(table)})
 
 

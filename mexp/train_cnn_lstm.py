@@ -1,0 +1,62 @@
+"""Stage `train_cnn_lstm`: the end-to-end CNN-LSTM on whole clips, per fold.
+
+    python -m mexp.train_cnn_lstm --config configs/cnn_lstm.yaml [key=value ...]
+
+Same contract as the other stages: fold plan, nested fold runs, pooled metrics and plots.
+"""
+from __future__ import annotations
+
+from mexp import cli
+from mexp.common import fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.config import Config
+from mexp.crossval import FoldOutput, run_folds
+from mexp.cv import Fold
+from mexp.data.datasets import load_dataset
+from mexp.data.inputs import clips_to_tensor, make_augment
+from mexp.engine import fit, predict_proba, resolve_device, set_seed
+from mexp.models import create_model
+from mexp.tracking import T, stage_run
+from mexp.train_cnn import check_channels, images
+
+STAGE = "train_cnn_lstm"
+
+
+def make_fold_fn(cfg: Config, cs, clips):
+    augment = make_augment("frames") if cfg.data.augmentation else None
+    ids = cs.table["sample_id"].to_numpy()
+    device = resolve_device(cfg.training.device)
+
+    def fold_fn(k: int, fold: Fold) -> FoldOutput:
+        tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
+        set_seed(cfg.training.seed + k)
+        m = cfg.model
+        model = create_model(m.name or "cnn_lstm", num_classes=len(cs.classes),
+                             input_channels=clips.shape[-1], feature_dim=m.feature_dim,
+                             hidden_size=m.hidden_size, num_layers=m.num_layers, dropout=m.dropout)
+        res = fit(model, (clips[tr], cs.labels[tr]), (clips[va], cs.labels[va]) if len(va) else None,
+                  cfg.training, len(cs.classes), clips_to_tensor, augment,
+                  seed=cfg.training.seed + k, desc=f"fold {fold.name}")
+        probs = predict_proba(model, clips[te], clips_to_tensor, cfg.training.batch_size, device)
+        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+    return fold_fn
+
+
+def main(cfg: Config) -> dict:
+    setup_torch(cfg)
+    cs = load_dataset(cfg.data)
+    clips = images(cfg, cs)
+    check_channels(cfg, clips)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
+    with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
+                   tags={T + "model": cfg.model.name or "cnn_lstm"}) as run:
+        log_dataset(cs.table, cs.digest, cfg.data.dataset)
+        log_plan(plan, cs.table["sample_id"])
+        summary = run_folds(plan, cs.table.assign(subject=cs.groups), cs.classes, STAGE,
+                            make_fold_fn(cfg, cs, clips), out_dir(cfg))
+        summary["run_id"] = run.info.run_id
+    print(summary_line(STAGE, summary, summary["run_id"]))
+    return summary
+
+
+if __name__ == "__main__":
+    cli.run(main, __doc__)
