@@ -75,7 +75,7 @@ def _log_fold(fold: Fold, out: FoldOutput, labels: np.ndarray, classes, stage: s
     s = scores(labels, preds, len(classes))
     cm = confusion(labels, preds, len(classes))
     with mlflow.start_run(run_name=f"fold={fold.name}", nested=True,
-                          tags={T + "stage": stage, T + "fold": fold.name}) as fr:
+                          tags={T + "stage": f"{stage}:fold", T + "fold": fold.name}) as fr:
         log_history(fr.info.run_id, out.fit.history)
         mlflow.log_metrics({f"test/{k}": v for k, v in s.items()} |
                            {"best_epoch": out.fit.best_epoch})

@@ -43,8 +43,11 @@ def configure(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     try:
-        if os.environ.get("MLFLOW_EXPERIMENT_ID") and not mlflow.active_run():
-            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        if os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
+            # launched by `mlflow run`: the run (and so the experiment) is already chosen
+            return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+        if mlflow.active_run():
+            return mlflow.active_run().info.experiment_id
         return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
     except MlflowException as e:
         raise TrackingError(f"cannot use tracking server {uri}: {str(e).splitlines()[0]}") from None

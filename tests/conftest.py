@@ -59,4 +59,8 @@ def tracking(tmp_path, monkeypatch) -> str:
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
+    import mlflow
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)      # the in-process global wins over the variable
     return uri

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from mexp.models import count_parameters, create_model, list_models, register_model
+
+INPUTS = {
+    "cnn": lambda: torch.randn(2, 1, 64, 64),
+    "lstm": lambda: torch.randn(2, 8, 256),
+    "cnn_lstm": lambda: torch.randn(2, 4, 1, 48, 48),
+    "roi_transformer": lambda: torch.randn(2, 16, 14),
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_forward_shape_and_no_nan(name):
+    assert name in INPUTS, f"add an input for the new model '{name}'"
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5).eval()
+    x = INPUTS[name]()
+    logits = model(x)
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    feats = model.forward_features(x)
+    assert feats.shape[0] == 2 and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("name,kwargs,target", [
+    ("cnn", dict(num_classes=7, input_channels=1), 2_000_000),
+    ("lstm", dict(num_classes=7, input_dim=256, hidden_size=128, num_layers=2), 500_000),
+    ("cnn_lstm", dict(num_classes=7, input_channels=1), 2_500_000),
+    ("roi_transformer", dict(num_classes=4, dim=64, heads=4, num_layers=3), 50_000),
+])
+def test_parameter_counts_match_the_original_toolkit(name, kwargs, target):
+    n = count_parameters(create_model(name, **kwargs))
+    assert abs(n - target) <= 0.25 * target, f"{name}: {n} parameters"
+
+
+def test_cnn_takes_the_megc2019_flow_images():
+    model = create_model("cnn", num_classes=3, input_channels=3).eval()
+    assert model(torch.randn(4, 3, 28, 28)).shape == (4, 3)
+    assert model.forward_features(torch.randn(4, 3, 28, 28)).shape == (4, 256)
+
+
+def test_registry_errors_list_the_known_models():
+    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, lstm, roi_transformer"):
+        create_model("resnet")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("cnn")(object)

@@ -1,0 +1,179 @@
+"""The stage workflow on tiny synthetic data against a per-test SQLite tracking store."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mexp import extract_features, main as pipeline, train_cnn, train_cnn_lstm, train_lstm
+from mexp.crossval import FoldOutput, assert_no_leak
+from mexp.cv import Fold, FoldPlanError
+from mexp.engine import FitResult
+from mexp.tracking import LineageError
+
+
+@pytest.fixture
+def cfg(tiny_cfg, tracking):
+    c = tiny_cfg
+    c.data.input = "diff"
+    c.data.sequence_length = 6
+    c.training.epochs = 2
+    c.training.batch_size = 16
+    c.training.cv_folds = 3
+    c.training.val_fraction = 0.25
+    c.training.seed = 7
+    return c
+
+
+def _artifacts(client, run_id, path=""):
+    return {a.path for a in client.list_artifacts(run_id, path)}
+
+
+def _children(client, run):
+    return client.search_runs([run.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+
+
+def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys):
+    out = pipeline.main(cfg)
+    client = MlflowClient()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("pipeline: UF1") and out["lstm_run_id"] in line and "mlflow ui" in line
+    top = client.get_run(out["run_id"])
+    stages = {r.data.tags["mexp.stage"]: r for r in _children(client, top)}
+    assert set(stages) == {"train_cnn", "extract_features", "train_lstm"}
+    cnn = stages["train_cnn"]
+    tags = cnn.data.tags
+    for t in ("mexp.config_digest", "mexp.data_digest", "mexp.fold_plan_digest",
+              "mexp.git_commit", "mexp.code_digest"):
+        assert tags.get(t), t
+    assert cnn.data.params["training.epochs"] == "2"
+    assert {"config.yaml", "fold_plan.json", "predictions.csv", "training_log.csv",
+            "confusion_matrix.png", "confusion_matrix.json", "learning_curve.png",
+            "per_subject.png", "folds"} <= _artifacts(client, cnn.info.run_id)
+    assert 0.0 <= cnn.data.metrics["test/uf1"] <= 1.0
+    assert cnn.inputs.dataset_inputs[0].dataset.digest == tags["mexp.data_digest"]
+    folds = _children(client, cnn)
+    assert len(folds) == 3 and {f.data.tags["mexp.fold"] for f in folds} == {"k0", "k1", "k2"}
+    hist = client.get_metric_history(folds[0].info.run_id, "train/loss")
+    assert [m.step for m in hist] == [1, 2]
+    assert {"model.pth", "confusion_matrix.png", "training_log.csv"} <= \
+        _artifacts(client, folds[0].info.run_id)
+    feat = stages["extract_features"]
+    assert feat.data.tags["mexp.parent_run_id"] == cnn.info.run_id
+    lstm = stages["train_lstm"]
+    assert lstm.data.tags["mexp.features_run_id"] == feat.info.run_id
+    assert lstm.data.tags["mexp.fold_plan_digest"] == tags["mexp.fold_plan_digest"]
+    assert (pytest.approx(lstm.data.metrics["test/uf1"]) == top.data.metrics["test/uf1"])
+    # local output folders of the original toolkit
+    assert (cfg.output.dir and (__import__("pathlib").Path(cfg.output.dir) / "features" /
+                                "fold=k0.npy").is_file())
+    again = pipeline.main(cfg)
+    assert [again[k] for k in ("cnn_run_id", "features_run_id", "lstm_run_id")] == \
+        [out[k] for k in ("cnn_run_id", "features_run_id", "lstm_run_id")]
+    assert "reusing FINISHED run" in capsys.readouterr().out
+    cfg.force = True
+    forced = pipeline.main(cfg)
+    assert forced["cnn_run_id"] != out["cnn_run_id"]
+    assert forced["uf1"] == pytest.approx(out["uf1"])        # same seed, same numbers
+
+
+def _fold_results(client, run_id, tmp_path):
+    res = {}
+    for a in client.list_artifacts(run_id, "folds"):
+        p = client.download_artifacts(run_id, a.path, str(tmp_path))
+        r = json.loads(open(p).read())
+        res[r["fold"]] = r
+    return res
+
+
+def test_no_test_subject_reaches_fitting_or_selection(cfg, tmp_path):
+    cnn = train_cnn.main(cfg)
+    cfg.cnn_run_id = cnn["run_id"]
+    feats = extract_features.main(cfg)
+    cfg.features_run_id = feats["run_id"]
+    lstm = train_lstm.main(cfg)
+    client = MlflowClient()
+    plan = json.loads(open(client.download_artifacts(cnn["run_id"], "fold_plan.json",
+                                                     str(tmp_path))).read())
+    subject = lambda sid: sid.split("_")[0]  # noqa: E731  (synthetic ids: sub01_EP..)
+    for run_id in (cnn["run_id"], lstm["run_id"]):
+        results = _fold_results(client, run_id, tmp_path / run_id)
+        for f in plan["folds"]:
+            r = results[f["name"]]
+            test = set(f["test_subjects"])
+            assert {subject(i) for i in r["test_ids"]} == test
+            assert not {subject(i) for i in r["fit_ids"]} & test
+            assert not {subject(i) for i in r["select_ids"]} & test
+            assert r["select_ids"] and r["selected_on"] == "validation"
+    # each fold's features come from that fold's CNN
+    cnn_results = _fold_results(client, cnn["run_id"], tmp_path / "c")
+    feat_dir = tmp_path / "f"
+    client.download_artifacts(feats["run_id"], "features", str(feat_dir))
+    ccfg = extract_features.cnn_config(cnn["run_id"])
+    from mexp.data.datasets import load_dataset
+    cs = load_dataset(ccfg.data)
+    clips = train_cnn.images(ccfg, cs)
+    for name in ("k0", "k2"):
+        model = train_cnn.build_cnn(ccfg, 1, 7)
+        w = client.download_artifacts(cnn_results[name]["fold_run_id"], "model.pth",
+                                      str(tmp_path / name))
+        model.load_state_dict(torch.load(w, weights_only=True))
+        mine = extract_features.embed(model, clips[:3], torch.device("cpu"))
+        saved = np.load(feat_dir / "features" / f"fold={name}.npy")[:3]
+        assert np.allclose(mine.astype(np.float32), saved.astype(np.float32), atol=1e-2)
+    k0 = np.load(feat_dir / "features" / "fold=k0.npy")
+    k1 = np.load(feat_dir / "features" / "fold=k1.npy")
+    assert not np.allclose(k0, k1)
+
+
+def test_leak_guard_stops_a_fold_that_saw_its_test_subject():
+    fold = Fold("k0", ["sub01"], ["sub02"], [], ["sub01_a"], ["sub02_a"], [])
+    out = FoldOutput(["sub01_a"], np.zeros((1, 7)), FitResult(), ["sub02_a", "sub01_a"], [])
+    with pytest.raises(FoldPlanError, match=r"fold k0: the model was fitted on test subject"):
+        assert_no_leak(fold, out, {"sub01_a": "sub01", "sub02_a": "sub02"})
+
+
+def test_all_subjects_scope_is_tagged_and_reported_as_leaking(cfg, capsys):
+    cfg.stage1.scope = "all_subjects"
+    cnn = train_cnn.main(cfg)
+    assert MlflowClient().get_run(cnn["run_id"]).data.tags["mexp.leak"] == "true"
+    cfg.cnn_run_id = cnn["run_id"]
+    f = extract_features.main(cfg)
+    cfg.features_run_id = f["run_id"]
+    s = train_lstm.main(cfg)
+    assert s["leak"] is True
+    assert "LEAKING" in capsys.readouterr().out
+
+
+def test_lineage_errors_name_the_run(cfg):
+    cnn = train_cnn.main(cfg)
+    cfg.features_run_id = cnn["run_id"]               # a train_cnn run, not extract_features
+    with pytest.raises(LineageError, match=f"run {cnn['run_id']} is a 'train_cnn' run"):
+        train_lstm.main(cfg)
+    cfg.features_run_id = "0123456789abcdef0123456789abcdef"
+    with pytest.raises(LineageError, match="0123456789abcdef0123456789abcdef.*not found"):
+        train_lstm.main(cfg)
+    client = MlflowClient()
+    exp = client.get_run(cnn["run_id"]).info.experiment_id
+    unfinished = client.create_run(exp, tags={"mexp.stage": "train_cnn"})
+    cfg.cnn_run_id = unfinished.info.run_id
+    with pytest.raises(LineageError, match="is RUNNING, not FINISHED"):
+        extract_features.main(cfg)
+
+
+def test_resume_with_a_different_fold_plan_is_refused(cfg):
+    first = train_cnn.main(cfg)
+    MlflowClient().set_terminated(first["run_id"], "KILLED")
+    cfg.resume_run_id = first["run_id"]
+    cfg.training.seed = 8                             # other folds
+    with pytest.raises(FoldPlanError, match="was started with fold plan"):
+        train_cnn.main(cfg)
+
+
+def test_same_seed_same_metrics_on_cpu(cfg):
+    cfg.output.local = False
+    a = train_cnn_lstm.main(cfg)
+    b = train_cnn_lstm.main(cfg)
+    assert (a["uf1"], a["uar"], a["accuracy"]) == (b["uf1"], b["uar"], b["accuracy"])
