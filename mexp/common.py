@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def setup_torch(cfg: Config) -> None:
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available() and cfg.training.device != "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)   # CPU kernels already are
 
 
 def fold_plan(cfg: Config, ids, groups, labels) -> FoldPlan:

@@ -98,6 +98,15 @@ class SynthConfig:
 
 
 @dataclass
+class FlowConfig:
+    method: str = "farneback"        # tvl1 (the MER standard, ~100x slower) | farneback | dis
+    face: str = "full"               # full: frames are face crops | haar: OpenCV face detector
+    no_face: str = "error"           # error | skip, when the detector finds no face
+    compensate: bool = True          # remove head motion (similarity fit outside the ROIs)
+    workers: int = 0                 # processes; 0: one per CPU core
+
+
+@dataclass
 class Stage1Config:
     scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
 
@@ -111,8 +120,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     cnn_run_id: str = ""
     features_run_id: str = ""
+    flow_run_id: str = ""
     resume_run_id: str = ""
     force: bool = False              # main: recompute stages even when a matching run exists
 
@@ -254,6 +265,9 @@ _CHOICES = {
     "data.frames": ("apex", "all"),
     "data.input": ("raw", "diff"),
     "stage1.scope": ("per_fold", "all_subjects"),
+    "flow.method": ("tvl1", "farneback", "dis"),
+    "flow.face": ("full", "haar"),
+    "flow.no_face": ("error", "skip"),
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
     "training.device": ("auto", "cpu", "cuda"),

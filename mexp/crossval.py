@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
@@ -68,32 +71,61 @@ def _kill_stale_fold_runs(parent_id: str) -> None:
         client.set_terminated(r.info.run_id, "KILLED")
 
 
-def _log_fold(fold: Fold, out: FoldOutput, labels: np.ndarray, classes, stage: str,
-              out_dir: Path | None) -> tuple[str, dict]:
-    """One nested run: per-epoch metrics, fold scores, confusion matrix, weights, log."""
-    preds = out.probs.argmax(1)
-    s = scores(labels, preds, len(classes))
-    cm = confusion(labels, preds, len(classes))
-    with mlflow.start_run(run_name=f"fold={fold.name}", nested=True,
-                          tags={T + "stage": f"{stage}:fold", T + "fold": fold.name}) as fr:
-        log_history(fr.info.run_id, out.fit.history)
-        mlflow.log_metrics({f"test/{k}": v for k, v in s.items()} |
-                           {"best_epoch": out.fit.best_epoch})
-        mlflow.log_dict({"classes": list(classes), "matrix": cm.tolist()}, "confusion_matrix.json")
-        fig = plots.confusion_figure(cm, classes, f"fold {fold.name}")
-        mlflow.log_figure(fig, "confusion_matrix.png")
-        plots.close(fig)
+class FoldLogger:
+    """Logs each finished fold in a background thread (MLflow client calls with explicit run
+    ids, so no fluent state crosses threads) while the next fold trains. `drain()` waits for
+    everything and re-raises a logging error."""
+
+    def __init__(self, parent_id: str, stage: str, classes, out_dir: Path | None):
+        self.client, self.parent, self.stage = MlflowClient(), parent_id, stage
+        self.exp = self.client.get_run(parent_id).info.experiment_id
+        self.classes, self.out_dir = list(classes), out_dir
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fold-logger")
+        self.pending: dict[str, Future] = {}
+
+    def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
+        self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
+
+    def drain(self) -> dict[str, dict]:
+        """Fold name -> the result logged for it, once everything is logged."""
+        return {name: f.result() for name, f in self.pending.items()}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _log(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
+        """Fold run (per-epoch metrics, scores, confusion matrix, weights, log), then the
+        result file on the parent, last: it marks the fold done for resume."""
+        c, preds = self.client, out.probs.argmax(1)
+        s = scores(labels, preds, len(self.classes))
+        cm = confusion(labels, preds, len(self.classes))
+        run = c.create_run(self.exp, run_name=f"fold={fold.name}",
+                           tags={"mlflow.parentRunId": self.parent,
+                                 T + "stage": f"{self.stage}:fold", T + "fold": fold.name})
+        rid = run.info.run_id
+        log_history(rid, out.fit.history)
+        now = int(time.time() * 1000)
+        c.log_batch(rid, metrics=[Metric(f"test/{k}", float(v), now, 0) for k, v in s.items()]
+                    + [Metric("best_epoch", float(out.fit.best_epoch), now, 0)])
+        c.log_dict(rid, {"classes": self.classes, "matrix": cm.tolist()}, "confusion_matrix.json")
+        c.log_figure(rid, plots.confusion_figure(cm, self.classes, f"fold {fold.name}"),
+                     "confusion_matrix.png")
         with tempfile.TemporaryDirectory() as d:
             torch.save(out.fit.state, Path(d) / "model.pth")
             pd.DataFrame(out.fit.history).to_csv(Path(d) / "training_log.csv", index=False)
-            mlflow.log_artifacts(d)
-        run_id = fr.info.run_id
-    if out_dir is not None:
-        fd = out_dir / f"fold_{fold.name}"
-        fd.mkdir(parents=True, exist_ok=True)
-        torch.save(out.fit.state, fd / "best_model.pth")
-        pd.DataFrame(out.fit.history).to_csv(fd / "training_log.csv", index=False)
-    return run_id, s
+            c.log_artifacts(rid, d)
+        c.set_terminated(rid, "FINISHED")
+        if self.out_dir is not None:
+            fd = self.out_dir / f"fold_{fold.name}"
+            fd.mkdir(parents=True, exist_ok=True)
+            torch.save(out.fit.state, fd / "best_model.pth")
+            pd.DataFrame(out.fit.history).to_csv(fd / "training_log.csv", index=False)
+        result = {"fold": fold.name, "fold_run_id": rid, "test_ids": list(out.test_ids),
+                  "probs": out.probs.round(6).tolist(), "best_epoch": out.fit.best_epoch,
+                  "selected_on": out.fit.selected_on, "fit_ids": sorted(out.fit_ids),
+                  "select_ids": sorted(out.select_ids), "history": out.fit.history, "scores": s}
+        c.log_dict(self.parent, result, f"folds/{fold.name}.json")
+        return result
 
 
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
@@ -109,24 +141,24 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
         _kill_stale_fold_runs(parent)
     label_of = dict(zip(table["sample_id"], table["label"].astype(int)))
     subject_of = dict(zip(table["sample_id"], table["subject"]))
-    results = []
-    for k, fold in enumerate(tqdm(plan.folds, desc=f"{stage} folds", unit="fold")):
-        if fold.name in done:
-            results.append(done[fold.name])
-        else:
-            out = fold_fn(k, fold)
-            assert_no_leak(fold, out, subject_of)
-            y = np.array([label_of[i] for i in out.test_ids])
-            run_id, s = _log_fold(fold, out, y, classes, stage, out_dir)
-            r = {"fold": fold.name, "fold_run_id": run_id, "test_ids": list(out.test_ids),
-                 "probs": out.probs.round(6).tolist(), "best_epoch": out.fit.best_epoch,
-                 "selected_on": out.fit.selected_on, "fit_ids": sorted(out.fit_ids),
-                 "select_ids": sorted(out.select_ids), "history": out.fit.history,
-                 "scores": s}
-            mlflow.log_dict(r, f"folds/{fold.name}.json")      # last: marks the fold done
-            results.append(r)
-        if on_fold is not None:
-            on_fold(k, pooled_scores(results, label_of, len(classes)))
+    results: dict[str, dict] = dict(done)
+    logger = FoldLogger(parent, stage, classes, out_dir)
+    try:
+        for k, fold in enumerate(tqdm(plan.folds, desc=f"{stage} folds", unit="fold")):
+            if fold.name not in done:
+                out = fold_fn(k, fold)
+                assert_no_leak(fold, out, subject_of)
+                y = np.array([label_of[i] for i in out.test_ids])
+                logger.submit(fold, out, y)
+                results[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
+                                      "probs": out.probs.tolist()}
+            if on_fold is not None:
+                so_far = [results[f.name] for f in plan.folds[:k + 1]]
+                on_fold(k, pooled_scores(so_far, label_of, len(classes)))
+        results.update(logger.drain())     # the pooled metrics come from what was logged
+    finally:
+        logger.close()
+    results = [results[f.name] for f in plan.folds]
     return summarise(results, table, classes, plan, out_dir)
 
 
@@ -171,7 +203,6 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
                       ("learning_curve.png", plots.learning_curve_figure(history, "all folds")),
                       ("per_subject.png", plots.per_subject_figure(per_subject, "per subject"))):
         mlflow.log_figure(fig, name)
-        plots.close(fig)
     with tempfile.TemporaryDirectory() as d:
         pred.to_csv(Path(d) / "predictions.csv", index=False)
         pd.DataFrame(log_rows).to_csv(Path(d) / "training_log.csv", index=False)

@@ -1,16 +1,21 @@
 """Figures people look at: confusion matrices, learning curves, per-subject scores."""
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+# Figures are built with the object API (no pyplot state), so fold logging can render them
+# in a background thread while the next fold trains.
+
+
+def _fig(w: float, h: float):
+    fig = Figure(figsize=(w, h), dpi=100)
+    return fig, fig.add_subplot()
 
 
 def confusion_figure(cm: np.ndarray, classes, title: str = ""):
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.6 * len(classes)))
+    fig, ax = _fig(1.0 + 0.7 * len(classes), 0.8 + 0.6 * len(classes))
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(cm.shape[0]):
@@ -28,7 +33,7 @@ def confusion_figure(cm: np.ndarray, classes, title: str = ""):
 
 def learning_curve_figure(history_by_fold: dict[str, list[dict]], title: str = ""):
     """Train and validation loss per epoch: each fold thin, the mean thick."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _fig(6, 3.5)
     for key, colour in (("train/loss", "tab:blue"), ("val/loss", "tab:orange")):
         curves = [[r[key] for r in h if key in r] for h in history_by_fold.values()]
         curves = [c for c in curves if c]
@@ -49,7 +54,7 @@ def learning_curve_figure(history_by_fold: dict[str, list[dict]], title: str = "
 def per_subject_figure(per_subject: dict[str, dict], title: str = ""):
     names = list(per_subject)
     acc = [per_subject[n]["accuracy"] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(names)), 3))
+    fig, ax = _fig(max(4, 0.25 * len(names)), 3)
     ax.bar(range(len(names)), acc, color="tab:green")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylim(0, 1)
@@ -58,6 +63,3 @@ def per_subject_figure(per_subject: dict[str, dict], title: str = ""):
     fig.tight_layout()
     return fig
 
-
-def close(fig) -> None:
-    plt.close(fig)

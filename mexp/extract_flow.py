@@ -1,0 +1,119 @@
+"""Stage `extract_flow`: optical flow of every clip -> 7-ROI motion sequences `(T, 14)` and
+STSTNet-style apex flow images `(28, 28, 3)`, in parallel over clips, cached, logged.
+
+    python -m mexp.extract_flow --config configs/roi.yaml [flow.method=tvl1]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from tqdm import tqdm
+
+from mexp import cli
+from mexp.common import log_dataset
+from mexp.config import Config
+from mexp.data.cache import ClipCache, digest
+from mexp.data.datasets import FLOW28, ClipSet, load_dataset, resolve_path
+from mexp.flow.roi import ROIS, NoFaceError, clip_motion
+from mexp.tracking import T, stage_run
+
+log = logging.getLogger(__name__)
+STAGE = "extract_flow"
+
+
+def _one(args):
+    """Worker: (sample id, frames, apex, method, face, compensate) -> (id, roi, img, error)."""
+    import cv2
+    cv2.setNumThreads(1)
+    sid, frames, apex, method, face, comp = args
+    try:
+        roi, img = clip_motion(frames, apex, method, face, comp, where=sid)
+        return sid, roi, img, None
+    except NoFaceError as e:
+        return sid, None, None, str(e)
+
+
+def gray(clip: np.ndarray) -> np.ndarray:
+    """(T, H, W, C) uint8 -> (T, H, W) grey (ITU-R 601 weights for RGB)."""
+    if clip.shape[-1] == 1:
+        return clip[..., 0]
+    return np.clip(clip @ np.array([0.299, 0.587, 0.114]), 0, 255).astype(np.uint8)
+
+
+def compute(cs: ClipSet, fcfg) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """(kept ids, roi (N, T, 14), images (N, 28, 28, 3), skipped) over all clips."""
+    jobs = [(sid, gray(cs.clips[i]), int(cs.apex[i]), fcfg.method, fcfg.face, fcfg.compensate)
+            for i, sid in enumerate(cs.table["sample_id"])]
+    workers = fcfg.workers or os.cpu_count() or 1
+    bar = dict(total=len(jobs), desc=f"flow ({fcfg.method})", unit="clip")
+    if workers > 1 and len(jobs) >= 4 * workers:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            out = list(tqdm(ex.map(_one, jobs, chunksize=4), **bar))
+    else:
+        out = [_one(j) for j in tqdm(jobs, **bar)]
+    skipped = [f"{sid}: {err}" for sid, _, _, err in out if err]
+    if skipped and fcfg.no_face == "error":
+        raise NoFaceError(skipped[0] + (f" (and {len(skipped) - 1} more clips)" if len(skipped) > 1
+                                        else "") + "; flow.no_face=skip skips such clips")
+    kept = [o for o in out if o[3] is None]
+    if not kept:
+        raise NoFaceError("no clip left after face detection")
+    return ([o[0] for o in kept], np.stack([o[1] for o in kept]), np.stack([o[2] for o in kept]),
+            skipped)
+
+
+def cached_compute(cfg: Config, cs: ClipSet):
+    cache = ClipCache(resolve_path(cfg.data.cache_dir), {"flow": 1})
+    key = digest([cs.digest, cfg.flow.method, cfg.flow.face, cfg.flow.compensate,
+                  cfg.flow.no_face])
+    roi, img, ids = (cache.get(f"{key}-{p}") for p in ("roi", "img", "ids"))
+    if roi is not None and img is not None and ids is not None:
+        log.info("flow features from the cache (%s)", key)
+        return [str(i) for i in ids], roi, img, []
+    ids, roi, img, skipped = compute(cs, cfg.flow)
+    cache.put(f"{key}-roi", roi), cache.put(f"{key}-img", img)
+    cache.put(f"{key}-ids", np.array(ids))                   # written last: marks it complete
+    return ids, roi, img, skipped
+
+
+def main(cfg: Config) -> dict:
+    if cfg.data.dataset == FLOW28:
+        raise ValueError("data.dataset=megc2019_flow28 is already flow: train_cnn reads it directly")
+    cs = load_dataset(cfg.data)
+    parent = mlflow.active_run()
+    tags = {T + "flow_method": cfg.flow.method}
+    if parent is not None:
+        tags[T + "parent_run_id"] = parent.info.run_id
+    with stage_run(cfg, STAGE, tags=tags) as run, tempfile.TemporaryDirectory() as tmp:
+        log_dataset(cs.table, cs.digest, cfg.data.dataset)
+        ids, roi, img, skipped = cached_compute(cfg, cs)
+        if skipped:
+            log.warning("skipped %d clip(s) without a face:\n  %s", len(skipped), "\n  ".join(skipped))
+        d = Path(tmp) / "flow"
+        d.mkdir()
+        np.save(d / "roi_features.npy", roi)
+        np.save(d / "flow28.npy", img)
+        table = cs.table.assign(group=cs.groups).set_index("sample_id").loc[ids].reset_index()
+        table.to_csv(d / "index.csv", index=False)
+        (d / "meta.json").write_text(json.dumps(
+            {"classes": list(cs.classes), "rois": list(ROIS), "method": cfg.flow.method,
+             "data_digest": cs.digest, "dataset": cfg.data.dataset, "skipped": skipped},
+            indent=1))
+        mlflow.log_artifacts(str(d), "flow")
+        mlflow.log_metrics({"clips": len(ids), "skipped": len(skipped)})
+        rid = run.info.run_id
+    print(f"{STAGE}: {len(ids)} clips -> ROI sequences {tuple(roi.shape)} and flow images "
+          f"{tuple(img.shape)} ({cfg.flow.method}); skipped {len(skipped)}; run {rid}")
+    return {"run_id": rid, "clips": len(ids), "skipped": len(skipped)}
+
+
+if __name__ == "__main__":
+    cli.run(main, __doc__)
