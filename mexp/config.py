@@ -45,6 +45,7 @@ class ModelConfig:
     num_classes: int = 7
     input_channels: int = 1
     feature_dim: int = 256           # CNN per-frame embedding size
+    width: int = 16                  # flow_cnn base channel count
     hidden_size: int = 128
     num_layers: int = 2
     dropout: float = 0.3

@@ -33,7 +33,8 @@ STAGE = "train_cnn"
 
 def build_cnn(cfg: Config, channels: int, num_classes: int):
     return create_model(cfg.model.name or "cnn", num_classes=num_classes, input_channels=channels,
-                        feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout)
+                        feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout,
+                        width=cfg.model.width)
 
 
 def images(cfg: Config, cs: ClipSet) -> np.ndarray:

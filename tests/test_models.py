@@ -5,6 +5,7 @@ from mexp.models import count_parameters, create_model, list_models, register_mo
 
 INPUTS = {
     "cnn": lambda: torch.randn(2, 1, 64, 64),
+    "flow_cnn": lambda: torch.randn(2, 3, 28, 28),
     "lstm": lambda: torch.randn(2, 8, 256),
     "cnn_lstm": lambda: torch.randn(2, 4, 1, 48, 48),
     "roi_transformer": lambda: torch.randn(2, 16, 14),
@@ -41,7 +42,7 @@ def test_cnn_takes_the_megc2019_flow_images():
 
 
 def test_registry_errors_list_the_known_models():
-    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, lstm, roi_transformer"):
+    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, flow_cnn, lstm, roi_transformer"):
         create_model("resnet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("cnn")(object)
