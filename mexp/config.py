@@ -108,6 +108,22 @@ class FlowConfig:
 
 
 @dataclass
+class HPOConfig:
+    stage: str = "train_lstm"        # train_lstm | train_cnn_lstm | train_roi | train_cnn
+    space: dict = field(default_factory=dict)  # dotted key -> {type, low, high, log | choices}
+    trials: int = 20
+    timeout: float = 0.0             # seconds; 0: no limit
+    sampler: str = "tpe"             # tpe | random
+    pruner: str = "median"           # median | hyperband | none
+    metric: str = "uf1"              # uf1 | uar | accuracy (pooled over the folds)
+    direction: str = "maximize"
+    study_name: str = ""             # empty: derived from the stage and config digest
+    storage: str = ""                # Optuna RDB URL; empty: sqlite file beside the tracking store
+    n_workers: int = 1               # worker processes on the same study
+    seed: int = 0
+
+
+@dataclass
 class Stage1Config:
     scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
 
@@ -122,6 +138,7 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    hpo: HPOConfig = field(default_factory=HPOConfig)
     cnn_run_id: str = ""
     features_run_id: str = ""
     flow_run_id: str = ""
@@ -185,6 +202,12 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if typ is dict:
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if typ is str:
             if value is None:
                 return ""
@@ -269,6 +292,11 @@ _CHOICES = {
     "flow.method": ("tvl1", "farneback", "dis"),
     "flow.face": ("full", "haar"),
     "flow.no_face": ("error", "skip"),
+    "hpo.stage": ("train_lstm", "train_cnn_lstm", "train_roi", "train_cnn"),
+    "hpo.sampler": ("tpe", "random"),
+    "hpo.pruner": ("median", "hyperband", "none"),
+    "hpo.metric": ("uf1", "uar", "accuracy"),
+    "hpo.direction": ("maximize", "minimize"),
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
     "training.device": ("auto", "cpu", "cuda"),

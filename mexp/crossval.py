@@ -11,6 +11,8 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,17 @@ from mexp.metrics import breakdown, confusion, scores
 from mexp.tracking import T, log_history
 
 log = logging.getLogger(__name__)
+_ON_FOLD: ContextVar[Callable | None] = ContextVar("mexp_on_fold", default=None)
+
+
+@contextmanager
+def fold_callback(fn: Callable[[int, dict], None]):
+    """Call `fn(k, running_scores)` after each fold of the stages run inside (HPO pruning)."""
+    token = _ON_FOLD.set(fn)
+    try:
+        yield
+    finally:
+        _ON_FOLD.reset(token)
 
 
 @dataclass
@@ -135,6 +148,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
     in plan order (HPO reports and prunes there)."""
     parent = mlflow.active_run().info.run_id
+    on_fold = on_fold or _ON_FOLD.get()
     done = _completed(parent)
     if done:
         log.info("resuming: %d of %d folds already complete", len(done), len(plan.folds))

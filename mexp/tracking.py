@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 
@@ -96,24 +97,50 @@ def log_config(cfg: Config, run_id: str) -> None:
     mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
 
 
+_ATTACH: ContextVar[bool] = ContextVar("mexp_attach_stage", default=False)
+
+
+@contextmanager
+def attach_stage():
+    """The next stage run uses the active run (an HPO trial's) instead of nesting a new one,
+    so the stage's fold runs nest directly under it."""
+    token = _ATTACH.set(True)
+    try:
+        yield
+    finally:
+        _ATTACH.reset(token)
+
+
+def _log_stage(cfg: Config, stage: str, run_id: str, tags: dict | None) -> None:
+    base = {T + "stage": stage, T + "config_digest": cfg.digest(),
+            T + "data_config": data_identity(cfg), T + "git_commit": git_commit(),
+            T + "code_digest": code_digest(), T + "version": __version__}
+    mlflow.set_tags({**base, **(tags or {})})
+    log_config(cfg, run_id)
+
+
 @contextmanager
 def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict | None = None,
               resume_run_id: str = ""):
     """Open the stage's run (nested under an active run, attached to `mlflow run`'s run, or
     resumed), log config and tags; a failure marks the run FAILED and re-raises."""
     configure(cfg)
+    if _ATTACH.get() and mlflow.active_run() is not None:
+        token = _ATTACH.set(False)              # stages this one calls nest as usual
+        try:
+            run = mlflow.active_run()
+            _log_stage(cfg, stage, run.info.run_id, tags)
+            yield run                           # the owner of the run ends it
+        finally:
+            _ATTACH.reset(token)
+        return
     if resume_run_id:
         check_run(resume_run_id, stage, finished=False)
         run = mlflow.start_run(run_id=resume_run_id)
     else:
         run = mlflow.start_run(run_name=run_name or stage, nested=mlflow.active_run() is not None)
-    rid = run.info.run_id
     try:
-        base = {T + "stage": stage, T + "config_digest": cfg.digest(),
-                T + "data_config": data_identity(cfg), T + "git_commit": git_commit(),
-                T + "code_digest": code_digest(), T + "version": __version__}
-        mlflow.set_tags({**base, **(tags or {})})
-        log_config(cfg, rid)
+        _log_stage(cfg, stage, run.info.run_id, tags)
         yield run
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
