@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,27 @@ def tracking(tmp_path, monkeypatch) -> str:
         mlflow.end_run()
     mlflow.set_tracking_uri(uri)      # the in-process global wins over the variable
     return uri
+
+
+def _pg(*args, check=False):
+    return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True,
+                          text=True, check=check)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real local PostgreSQL (Debian's package): started here, a role and database made."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+    if not shutil.which("pg_ctlcluster") or not versions:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    version = versions[-1].parent.name
+    subprocess.run(["pg_ctlcluster", version, "main", "start"], capture_output=True)
+    for _ in range(100):
+        if subprocess.run(["pg_isready", "-h", "127.0.0.1"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("PostgreSQL did not start (pg_ctlcluster %s main start)" % version)
+    _pg("psql", "-c", "CREATE ROLE mexp LOGIN PASSWORD 'mexp'")
+    _pg("psql", "-c", "CREATE DATABASE mexp_test OWNER mexp")
+    return "postgresql+psycopg2://mexp:mexp@127.0.0.1:5432/mexp_test"
