@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from mexp.config import Config, ConfigError, load_config
+from mexp.tracking import TrackingError
 
 
 def parse(argv: list[str] | None, description: str, base: dict | None = None) -> Config:
@@ -40,6 +41,6 @@ def run(main: Callable[[Config], dict], description: str, base: dict | None = No
     try:
         cfg = parse(argv, description, base)
         main(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, TrackingError) as e:
         logging.getLogger("mexp").error("%s: %s", type(e).__name__, e)
         sys.exit(2)

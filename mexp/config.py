@@ -124,6 +124,14 @@ class HPOConfig:
 
 
 @dataclass
+class PromoteConfig:
+    run_id: str = ""                 # a training stage's run or an hpo study's run
+    name: str = ""                   # registered model; empty: mexp-<model>
+    metric: str = "uf1"              # the cross-validated metric compared with the champion
+    dry_run: bool = False            # print the decision, change nothing
+
+
+@dataclass
 class Stage1Config:
     scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
 
@@ -139,6 +147,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     flow: FlowConfig = field(default_factory=FlowConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
     cnn_run_id: str = ""
     features_run_id: str = ""
     flow_run_id: str = ""
@@ -297,6 +306,7 @@ _CHOICES = {
     "hpo.pruner": ("median", "hyperband", "none"),
     "hpo.metric": ("uf1", "uar", "accuracy"),
     "hpo.direction": ("maximize", "minimize"),
+    "promote.metric": ("uf1", "uar", "accuracy"),
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
     "training.device": ("auto", "cpu", "cuda"),

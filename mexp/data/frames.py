@@ -81,17 +81,36 @@ def decode(path: Path, color: str, size: int) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _interpolate(pos: np.ndarray, frame) -> np.ndarray:
+    """Frames at fractional positions, linear between neighbours; `frame(i)` gives frame i
+    (only the neighbours of a sampled position are asked for)."""
+    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
+    got = {i: frame(i).astype(np.float32) for i in sorted(set(lo.tolist()) | set(hi.tolist()))}
+    w = (pos - lo).astype(np.float32)
+    out = [(1 - w[k]) * got[lo[k]] + w[k] * got[hi[k]] for k in range(len(pos))]
+    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
+
+
 def read_clip(paths: list[Path], nums: list[int], apex: int | None, length: int,
               color: str, size: int) -> np.ndarray:
     """Temporally normalised clip (length, size, size, C) uint8, linear between frames.
     Only the frames next to a sampled position are decoded."""
-    pos = sample_positions(nums, apex, length)
-    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
-    need = sorted(set(lo.tolist()) | set(hi.tolist()))
-    dec = {i: decode(paths[i], color, size).astype(np.float32) for i in need}
-    w = (pos - lo)[:, None, None, None].astype(np.float32)
-    out = [(1 - w[k]) * dec[lo[k]] + w[k] * dec[hi[k]] for k in range(length)]
-    return np.clip(np.rint(np.stack(out)), 0, 255).astype(np.uint8)
+    return _interpolate(sample_positions(nums, apex, length),
+                        lambda i: decode(paths[i], color, size))
+
+
+def resample_array(frames: np.ndarray, length: int, size: int, apex: int | None = None) -> np.ndarray:
+    """An in-memory clip (T, H, W[, C]) uint8 -> (length, size, size, C): the same resizing and
+    temporal normalisation as clips read from disk (frame 0 is the onset)."""
+    if frames.ndim == 3:
+        frames = frames[..., None]
+
+    def frame(i):
+        f = frames[i]
+        if f.shape[:2] != (size, size):
+            f = cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA)
+        return f.reshape(size, size, -1)
+    return _interpolate(sample_positions(list(range(len(frames))), apex, length), frame)
 
 
 def apex_index(nums: list[int], apex: int | None, length: int) -> int:

@@ -1,0 +1,138 @@
+"""Stage `promote`: refit the final model on all subjects, register it, and move the aliases.
+
+    python -m mexp.promote promote.run_id=<training or hpo run id> [promote.dry_run=true]
+
+The new version gets the alias `challenger`; it becomes `champion` only when its
+cross-validated metric (from the source run) beats the current champion's, or when there is
+no champion. Both scores and source runs are recorded as tags on the version. A failed refit
+registers nothing.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from mexp import cli
+from mexp.config import Config
+from mexp.refit import refit
+from mexp.serving import MERModel
+from mexp.tracking import T, LineageError, check_run, configure, stage_run
+
+log = logging.getLogger(__name__)
+STAGE = "promote"
+PKG = Path(__file__).resolve().parent
+REQUIREMENTS = ("torch", "numpy", "pandas", "opencv-contrib-python-headless", "pyyaml",
+                "scikit-learn", "mlflow", "tqdm", "openpyxl")
+
+
+def pinned() -> list[str]:
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def source(run_id: str, metric: str):
+    """(training run, its stage, cross-validated score) for a stage run or an hpo study."""
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise LineageError(f"promote.run_id {run_id!r} not found on {mlflow.get_tracking_uri()}") from None
+    stage = run.data.tags.get(T + "stage")
+    if stage == "hpo":
+        check_run(run_id, "hpo")
+        best = run.data.tags.get(T + "best_run_id")
+        if not best:
+            raise LineageError(f"hpo run {run_id} has no completed trial to promote")
+        if f"best/{metric}" not in run.data.metrics:
+            raise LineageError(f"hpo run {run_id} did not optimise {metric} (no best/{metric})")
+        return MlflowClient().get_run(best), run.data.tags[T + "hpo_stage"], run.data.metrics[f"best/{metric}"]
+    check_run(run_id, stage or "?")
+    key = f"test/{metric}"
+    if key not in run.data.metrics:
+        raise LineageError(f"run {run_id} ({stage}) has no cross-validated metric '{key}'")
+    return run, stage, run.data.metrics[key]
+
+
+def champion(client: MlflowClient, name: str, metric: str):
+    """(version, score) of the current champion, or (None, None)."""
+    try:
+        mv = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    return mv, float(mv.tags.get(f"mexp.cv_{metric}", "nan"))
+
+
+def signature(kind: str, classes) -> tuple[ModelSignature, np.ndarray]:
+    """Input: any-shape tensor, so one clip (T, H, W) and a batch (N, T, H, W) are both
+    accepted; the model itself checks rank, size and that pixels are uint8 values (HTTP 400
+    otherwise), since MLflow would silently cast 0.5 to a uint8 0."""
+    example = np.zeros((1, 28, 28, 3) if kind == "flow_cnn" else (1, 4, 32, 32), np.uint8)
+    outputs = Schema([ColSpec("string", "label"), ColSpec("long", "label_index")]
+                     + [ColSpec("double", f"prob_{c}") for c in classes])
+    return ModelSignature(Schema([TensorSpec(np.dtype(object), (-1,))]), outputs), example
+
+
+def log_and_register(bundle, name: str) -> object:
+    with tempfile.TemporaryDirectory() as d:
+        path = bundle.save(Path(d) / "bundle")
+        sig, example = signature(bundle.kind, bundle.classes)
+        info = mlflow.pyfunc.log_model(name="model", python_model=MERModel(),
+                                       artifacts={"bundle": str(path)}, code_paths=[str(PKG)],
+                                       signature=sig, input_example=example,
+                                       pip_requirements=pinned())
+    return mlflow.register_model(info.model_uri, name)
+
+
+def main(cfg: Config) -> dict:
+    p = cfg.promote
+    if not p.run_id:
+        raise ValueError("set promote.run_id: the training or hpo run to promote")
+    configure(cfg)
+    client = MlflowClient()
+    train_run, stage, score = source(p.run_id, p.metric)
+    name = p.name or f"mexp-{train_run.data.tags.get(T + 'model', stage)}"
+    current, best = champion(client, name, p.metric)
+    wins = current is None or not (best >= score)      # NaN champion score: the new one wins
+    verdict = (f"{p.metric} {score:.4f} vs champion v{current.version} {best:.4f}" if current
+               else f"{p.metric} {score:.4f}, no champion yet")
+    if p.dry_run:
+        print(f"promote (dry run): {name}: {verdict} -> "
+              f"{'would become champion' if wins else 'would stay challenger'}; nothing changed")
+        return {"dry_run": True, "wins": wins, "score": score, "name": name}
+    tags = {T + "source_run_id": p.run_id, T + "train_run_id": train_run.info.run_id}
+    with stage_run(cfg, STAGE, tags=tags) as run:
+        bundle = refit(train_run, stage)                 # raises before anything is registered
+        mv = log_and_register(bundle, name)
+        vt = {f"mexp.cv_{p.metric}": repr(float(score)), "mexp.source_run_id": p.run_id,
+              "mexp.train_run_id": train_run.info.run_id, "mexp.promote_run_id": run.info.run_id,
+              "mexp.kind": bundle.kind,
+              "mexp.compared_with": f"v{current.version}" if current else "none",
+              f"mexp.champion_{p.metric}": repr(best) if current else "none",
+              "mexp.decision": "champion" if wins else "challenger"}
+        for k, v in vt.items():
+            client.set_model_version_tag(name, mv.version, k, v)
+        client.set_registered_model_alias(name, "challenger", mv.version)
+        if wins:
+            client.set_registered_model_alias(name, "champion", mv.version)
+        rid = run.info.run_id
+    print(f"promote: {name} v{mv.version} ({bundle.kind}); {verdict} -> "
+          f"{'champion' if wins else 'challenger'}; run {rid}; "
+          f"serve: mlflow models serve -m 'models:/{name}@champion' --env-manager local")
+    return {"name": name, "version": mv.version, "wins": wins, "score": score, "run_id": rid}
+
+
+if __name__ == "__main__":
+    cli.run(main, __doc__)
