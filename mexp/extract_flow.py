@@ -23,7 +23,7 @@ from mexp.config import Config
 from mexp.data.cache import ClipCache, digest
 from mexp.data.datasets import FLOW28, ClipSet, load_dataset, resolve_path
 from mexp.flow.roi import ROIS, NoFaceError, clip_motion
-from mexp.tracking import T, stage_run
+from mexp.tracking import T, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "extract_flow"
@@ -87,6 +87,7 @@ def cached_compute(cfg: Config, cs: ClipSet):
 def main(cfg: Config) -> dict:
     if cfg.data.dataset == FLOW28:
         raise ValueError("data.dataset=megc2019_flow28 is already flow: train_cnn reads it directly")
+    configure(cfg)                              # an unreachable server fails before any work
     cs = load_dataset(cfg.data)
     parent = mlflow.active_run()
     tags = {T + "flow_method": cfg.flow.method}

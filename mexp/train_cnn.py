@@ -25,7 +25,7 @@ from mexp.data.datasets import FLOW28, ClipSet, load_dataset
 from mexp.data.inputs import images_to_tensor, make_augment, prepare_clips, stage1_frames
 from mexp.engine import fit, predict_proba, resolve_device, set_seed
 from mexp.models import create_model
-from mexp.tracking import T, stage_run
+from mexp.tracking import T, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "train_cnn"
@@ -88,6 +88,7 @@ def train_all_subjects(cfg: Config, cs: ClipSet, clips: np.ndarray) -> None:
 
 def main(cfg: Config) -> dict:
     setup_torch(cfg)
+    configure(cfg)                              # an unreachable server fails before any work
     cs = load_dataset(cfg.data)
     clips = images(cfg, cs)
     check_channels(cfg, clips)

@@ -15,7 +15,7 @@ from mexp.data.datasets import load_dataset
 from mexp.data.inputs import clips_to_tensor, make_augment
 from mexp.engine import fit, predict_proba, resolve_device, set_seed
 from mexp.models import create_model
-from mexp.tracking import T, stage_run
+from mexp.tracking import T, configure, stage_run
 from mexp.train_cnn import check_channels, images
 
 STAGE = "train_cnn_lstm"
@@ -43,6 +43,7 @@ def make_fold_fn(cfg: Config, cs, clips):
 
 def main(cfg: Config) -> dict:
     setup_torch(cfg)
+    configure(cfg)                              # an unreachable server fails before any work
     cs = load_dataset(cfg.data)
     clips = images(cfg, cs)
     check_channels(cfg, clips)

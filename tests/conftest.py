@@ -91,3 +91,54 @@ def postgres_url():
     _pg("psql", "-c", "CREATE ROLE mexp LOGIN PASSWORD 'mexp'")
     _pg("psql", "-c", "CREATE DATABASE mexp_test OWNER mexp")
     return "postgresql+psycopg2://mexp:mexp@127.0.0.1:5432/mexp_test"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def venv_env(**extra) -> dict:
+    """The environment for a subprocess that runs this venv's `mlflow` (as with it active)."""
+    import sys
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A real process on a loopback port, stopped (with its children) at teardown."""
+
+    def __init__(self, args, cwd, env, url, ready_path="/health", timeout=120):
+        import urllib.request
+        self.url = url
+        self.log = Path(cwd) / f"server-{url.rsplit(':', 1)[-1]}.log"
+        with open(self.log, "wb") as out:       # a file, not a pipe: a full pipe blocks the server
+            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{args[:3]} exited: {self.log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + ready_path, timeout=2)
+                return
+            except Exception as e:  # not up yet (refused) or answering 401 (auth): both fine
+                if getattr(e, "code", None) == 401:
+                    return
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{args[:3]} did not answer on {url} in {timeout} s")
+
+    def stop(self):
+        import signal
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
