@@ -24,10 +24,11 @@ def setup_torch(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)   # CPU kernels already are
 
 
-def fold_plan(cfg: Config, ids, groups, labels) -> FoldPlan:
+def fold_plan(cfg: Config, ids, groups, labels, databases=None) -> FoldPlan:
     t = cfg.training
     return make_plan(ids, groups, labels, method=t.cv_method, n_folds=t.cv_folds, seed=t.seed,
-                     val_fraction=t.val_fraction)
+                     val_fraction=t.val_fraction, databases=databases,
+                     holdout_test=t.holdout_test, holdout_train=t.holdout_train)
 
 
 def log_plan(plan: FoldPlan, sample_ids) -> None:
@@ -57,6 +58,10 @@ def log_dataset(table, digest: str, name: str) -> None:
         ds = mlflow.data.from_pandas(table[cols], name=name, digest=digest, targets="label")
         mlflow.log_input(ds, context="training")
     mlflow.set_tags({T + "data_digest": digest, T + "dataset": name, T + "n_samples": len(table)})
+    fixes = table.attrs.get("annotation_fixes") or []
+    mlflow.set_tag(T + "annotation_fixes", len(fixes))
+    if fixes:
+        mlflow.log_dict(fixes, "annotation_fixes.json")
 
 
 def out_dir(cfg: Config) -> Path | None:
@@ -65,7 +70,40 @@ def out_dir(cfg: Config) -> Path | None:
 
 def summary_line(stage: str, s: dict, run_id: str, extra: str = "") -> str:
     uri = mlflow.get_tracking_uri()
+    if s.get("oracle"):
+        extra += " -- ORACLE: epochs chosen on the test subjects, not an honest estimate"
     line = (f"{stage}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  accuracy {s['accuracy']:.4f} "
             f"over {s['folds']} folds ({s['n']} clips); run {run_id}{extra}; "
             f"see it with: mlflow ui --backend-store-uri {uri}")
     return line
+
+
+def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
+    """The whole cross-validation `cfg.repeats` times with seeds s, s+1, ... as nested runs;
+    mean and sd of UF1/UAR/accuracy on the parent."""
+    import copy
+
+    import numpy as np
+
+    from mexp.tracking import stage_run
+    n, s0 = cfg.repeats, cfg.training.seed
+    with stage_run(cfg, f"{stage}:repeats", run_name=f"{stage} x{n}",
+                   tags={T + "repeats": str(n)}) as run:
+        results = []
+        for i in range(n):
+            c = copy.deepcopy(cfg)
+            c.repeats, c.training.seed = 1, s0 + i
+            results.append(main_fn(c))
+        agg = {}
+        for k in ("uf1", "uar", "accuracy"):
+            v = np.array([r[k] for r in results], float)
+            agg[k] = (float(v.mean()), float(v.std(ddof=1)) if n > 1 else 0.0)
+        mlflow.log_metrics({f"repeats/{k}_{w}": x for k, (m, sd) in agg.items()
+                            for w, x in (("mean", m), ("sd", sd))})
+        mlflow.set_tag(T + "repeat_run_ids", ",".join(r["run_id"] for r in results))
+        rid = run.info.run_id
+    print(f"{stage} x{n} seeds {s0}..{s0 + n - 1}: " + "  ".join(
+        f"{k.upper() if k != 'accuracy' else 'accuracy'} {m:.4f} ± {sd:.4f}"
+        for k, (m, sd) in agg.items()) + f"; run {rid}")
+    return {"run_id": rid, "repeats": results,
+            **{k: m for k, (m, _) in agg.items()}, **{f"{k}_sd": sd for k, (_, sd) in agg.items()}}

@@ -61,7 +61,9 @@ class TrainingConfig:
     optimizer: str = "adam"          # adam | adamw | sgd
     weight_decay: float = 0.0
     cv_folds: int = 5
-    cv_method: str = "StratifiedGroupKFold"   # StratifiedGroupKFold | LOSO
+    cv_method: str = "StratifiedGroupKFold"   # StratifiedGroupKFold | LOSO | LODO | holdout
+    holdout_test: str = ""           # holdout: the database tested on
+    holdout_train: str = ""          # holdout: databases trained on, comma-separated; empty: the rest
     val_fraction: float = 0.2        # share of training subjects held out for model selection
     early_stopping: int = 0          # patience in epochs on the validation split; 0: final epoch
     class_weighted: bool = False
@@ -132,6 +134,11 @@ class PromoteConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    oracle: bool = False             # pick epochs on the TEST fold (papers do): metrics become oracle/*
+
+
+@dataclass
 class Stage1Config:
     scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
 
@@ -148,11 +155,13 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     hpo: HPOConfig = field(default_factory=HPOConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     cnn_run_id: str = ""
     features_run_id: str = ""
     flow_run_id: str = ""
     resume_run_id: str = ""
     force: bool = False              # main: recompute stages even when a matching run exists
+    repeats: int = 1                 # run the whole cross-validation with seeds s, s+1, ...
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -308,7 +317,7 @@ _CHOICES = {
     "hpo.direction": ("maximize", "minimize"),
     "promote.metric": ("uf1", "uar", "accuracy"),
     "training.optimizer": ("adam", "adamw", "sgd"),
-    "training.cv_method": ("StratifiedGroupKFold", "LOSO"),
+    "training.cv_method": ("StratifiedGroupKFold", "LOSO", "LODO", "holdout"),
     "training.device": ("auto", "cpu", "cuda"),
 }
 

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
 from mexp import plots
-from mexp.cv import Fold, FoldPlan, FoldPlanError
+from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
 from mexp.engine import FitResult
 from mexp.metrics import breakdown, confusion, scores
 from mexp.tracking import T, log_history
@@ -143,11 +143,17 @@ class FoldLogger:
 
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
               fold_fn: Callable[[int, Fold], FoldOutput], out_dir: Path | None = None,
-              on_fold: Callable[[int, dict], None] | None = None) -> dict:
+              on_fold: Callable[[int, dict], None] | None = None, oracle: bool = False) -> dict:
     """Run (or resume) every fold of `plan` under the active parent run, then log the pooled
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
-    in plan order (HPO reports and prunes there)."""
+    in plan order (HPO reports and prunes there). `oracle=True` selects epochs on the test
+    fold, as some papers do: the run is tagged and its metrics are logged as oracle/*."""
     parent = mlflow.active_run().info.run_id
+    check_plan(plan, table["sample_id"])        # safeguard: no subject/database on two sides
+    if oracle:
+        mlflow.set_tag(T + "oracle", "true")
+        log.warning("evaluation.oracle=true: epochs are chosen on the TEST subjects; the "
+                    "metrics are logged as oracle/* and are not honest estimates")
     on_fold = on_fold or _ON_FOLD.get()
     done = _completed(parent)
     if done:
@@ -160,8 +166,12 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     try:
         for k, fold in enumerate(tqdm(plan.folds, desc=f"{stage} folds", unit="fold")):
             if fold.name not in done:
-                out = fold_fn(k, fold)
-                assert_no_leak(fold, out, subject_of)
+                if oracle:
+                    out = fold_fn(k, replace(fold, val_ids=fold.test_ids,
+                                             val_subjects=fold.test_subjects))
+                else:
+                    out = fold_fn(k, fold)
+                    assert_no_leak(fold, out, subject_of)
                 y = np.array([label_of[i] for i in out.test_ids])
                 logger.submit(fold, out, y)
                 results[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
@@ -173,7 +183,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     finally:
         logger.close()
     results = [results[f.name] for f in plan.folds]
-    return summarise(results, table, classes, plan, out_dir)
+    return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")
 
 
 def pooled_scores(results: list[dict], label_of: dict, num_classes: int) -> dict:
@@ -197,7 +207,7 @@ def predictions_table(results: list[dict], table: pd.DataFrame, classes) -> pd.D
 
 
 def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
-              out_dir: Path | None) -> dict:
+              out_dir: Path | None, prefix: str = "test") -> dict:
     """Pooled metrics, per-database and per-subject scores, plots and files on the parent."""
     pred = predictions_table(results, table, classes)
     y, p = pred["label"].to_numpy(), pred["pred"].to_numpy()
@@ -205,8 +215,8 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
     per_db = breakdown(y, p, pred["dataset"], len(classes)) if pred["dataset"].nunique() > 1 else {}
     per_subject = breakdown(y, p, pred["subject"], len(classes))
     cm = confusion(y, p, len(classes))
-    metrics = {f"test/{k}": v for k, v in s.items() if k != "n"}
-    metrics |= {f"test/{db}/{k}": v for db, d in per_db.items() for k, v in d.items() if k != "n"}
+    metrics = {f"{prefix}/{k}": v for k, v in s.items() if k != "n"}
+    metrics |= {f"{prefix}/{db}/{k}": v for db, d in per_db.items() for k, v in d.items() if k != "n"}
     mlflow.log_metrics(metrics)
     history = {r["fold"]: r["history"] for r in results}
     log_rows = [{"fold": f, **row} for f, h in history.items() for row in h]
@@ -227,4 +237,4 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
         pd.DataFrame(log_rows).to_csv(out_dir / "training_log.csv", index=False)
         plan.save(out_dir / "fold_plan.json")
     return {"uf1": s["uf1"], "uar": s["uar"], "accuracy": s["accuracy"], "n": s["n"],
-            "per_database": per_db, "folds": len(results)}
+            "per_database": per_db, "folds": len(results), "oracle": prefix == "oracle"}

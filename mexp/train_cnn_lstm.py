@@ -7,7 +7,7 @@ Same contract as the other stages: fold plan, nested fold runs, pooled metrics a
 from __future__ import annotations
 
 from mexp import cli
-from mexp.common import fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
 from mexp.crossval import FoldOutput, run_folds
 from mexp.cv import Fold
@@ -42,18 +42,21 @@ def make_fold_fn(cfg: Config, cs, clips):
 
 
 def main(cfg: Config) -> dict:
+    if cfg.repeats > 1:
+        return run_repeats(cfg, main, STAGE)
     setup_torch(cfg)
     configure(cfg)                              # an unreachable server fails before any work
     cs = load_dataset(cfg.data)
     clips = images(cfg, cs)
     check_channels(cfg, clips)
-    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
     with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
                    tags={T + "model": cfg.model.name or "cnn_lstm"}) as run:
         log_dataset(cs.table, cs.digest, cfg.data.dataset)
         log_plan(plan, cs.table["sample_id"])
         summary = run_folds(plan, cs.table.assign(subject=cs.groups), cs.classes, STAGE,
-                            make_fold_fn(cfg, cs, clips), out_dir(cfg))
+                            make_fold_fn(cfg, cs, clips), out_dir(cfg),
+                            oracle=cfg.evaluation.oracle)
         summary["run_id"] = run.info.run_id
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import run_repeats, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
 from mexp.crossval import FoldOutput, run_folds
 from mexp.cv import Fold, FoldPlan
@@ -88,6 +88,8 @@ def make_fold_fn(cfg: Config, feats: Features, classes):
 
 
 def main(cfg: Config) -> dict:
+    if cfg.repeats > 1:
+        return run_repeats(cfg, main, STAGE)
     setup_torch(cfg)
     configure(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +104,8 @@ def main(cfg: Config) -> dict:
             log_plan(feats.plan, feats.table["sample_id"])
             table = feats.table.assign(subject=feats.table["group"])
             summary = run_folds(feats.plan, table, lin["classes"], STAGE,
-                                make_fold_fn(cfg, feats, lin["classes"]), out_dir(cfg))
+                                make_fold_fn(cfg, feats, lin["classes"]), out_dir(cfg),
+                            oracle=cfg.evaluation.oracle)
             summary |= {"run_id": run.info.run_id, "leak": leak}
     warn = " -- LEAKING: the stage-1 CNN saw the test subjects" if leak else ""
     print(summary_line(STAGE, summary, summary["run_id"], warn))

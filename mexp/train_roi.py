@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
 from mexp.crossval import FoldOutput, run_folds
 from mexp.cv import Fold
@@ -65,6 +65,8 @@ def make_fold_fn(cfg: Config, table: pd.DataFrame, x: np.ndarray, classes):
 
 
 def main(cfg: Config) -> dict:
+    if cfg.repeats > 1:
+        return run_repeats(cfg, main, STAGE)
     setup_torch(cfg)
     configure(cfg)
     flow_run = resolve_parent(cfg, cfg.flow_run_id, "extract_flow")
@@ -72,14 +74,15 @@ def main(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         table, x, meta = load_flow_run(fid, Path(tmp))
     classes = meta["classes"]
-    plan = fold_plan(cfg, table["sample_id"], table["group"], table["label"])
+    plan = fold_plan(cfg, table["sample_id"], table["group"], table["label"], table["dataset"])
     tags = {T + "parent_run_id": fid, T + "flow_run_id": fid,
             T + "model": cfg.model.name or "roi_transformer", T + "flow_method": meta["method"]}
     with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
         log_dataset(table, meta["data_digest"], meta["dataset"])
         log_plan(plan, table["sample_id"])
         summary = run_folds(plan, table.assign(subject=table["group"]), classes, STAGE,
-                            make_fold_fn(cfg, table, x, classes), out_dir(cfg))
+                            make_fold_fn(cfg, table, x, classes), out_dir(cfg),
+                            oracle=cfg.evaluation.oracle)
         summary["run_id"] = run.info.run_id
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary

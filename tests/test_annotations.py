@@ -46,13 +46,35 @@ def test_smic_missing_offsets_and_padded_ids(annotations):
                                                      "surprise": 43}
 
 
-def test_casme3_text_frames_and_sheet_errors(annotations):
+def test_casme3_text_frames_and_the_fix_table(annotations):
     path = annotations / "casme3/casme3_table.xlsx"
-    with pytest.raises(AnnotationError, match=r"casme3_table.xlsx row 798.*offset 0 before apex"):
-        parse_annotations("casme3", path)
-    t = parse_annotations("casme3", path, strict=False)
+    t = parse_annotations("casme3", path)          # strict: the two 0 offsets are fixed
     assert len(t) == 860 and t["subject"].nunique() == 94
     assert t["onset"].dtype == "Int64" and t.iloc[0].frame_dir == "spNO.1/a/color"
+    assert len(t.attrs["annotation_fixes"]) == 2
+    assert t.set_index("sample_id").loc["spNO.40_e_1812", "offset"] is pd.NA
+
+
+def test_fix_table_applies_cleanly_to_every_sheet(annotations):
+    from mexp.data.annotations import annotation_fixes
+    applied = []
+    for ds, sheet in [("casme2", "casme2/CASME2-coding-20140508.xlsx"),
+                      ("samm", "samm/SAMM_Micro_FACS_Codes_v2.xlsx"),
+                      ("smic", "smic/smic_apex.xlsx"), ("casme3", "casme3/casme3_table.xlsx")]:
+        t = parse_annotations(ds, annotations / sheet)
+        applied += t.attrs["annotation_fixes"]
+        assert not t["action_units"].str.contains(" or ").any()
+    assert len(applied) == len(annotation_fixes())      # every row of the table was used
+
+
+def test_a_fix_that_no_longer_matches_the_sheet_stops(tmp_path, monkeypatch):
+    from mexp.data import annotations as ann
+    monkeypatch.setattr(ann, "annotation_fixes", lambda: (
+        {"database": "casme2", "sample_id": "sub01_EP01", "field": "apex", "old": "25",
+         "new": "22", "reason": "test"},))
+    p = _sheet(tmp_path, [["1", "EP01", 10, 20, 30, "12", "happiness"]])
+    with pytest.raises(AnnotationError, match="expected '25', coding.csv has '20'"):
+        parse_casme2(p)
 
 
 def test_dfme_sheets(annotations):

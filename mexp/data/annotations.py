@@ -6,7 +6,11 @@ is the clip's folder relative to the database root in that database's on-disk la
 """
 from __future__ import annotations
 
+import csv
+import logging
 import re
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import openpyxl
@@ -19,8 +23,39 @@ COLUMNS = ["sample_id", "dataset", "subject", "clip", "onset", "apex", "offset",
 DATASETS = ("casme2", "samm", "smic", "casme3", "dfme")
 
 
+log = logging.getLogger(__name__)
+
+
 class AnnotationError(ValueError):
     """A coding sheet is missing, malformed, or holds an impossible row."""
+
+
+@lru_cache(maxsize=1)
+def annotation_fixes() -> tuple[dict, ...]:
+    """The versioned correction table (mexp/resources/annotation_fixes.csv)."""
+    text = resources.files("mexp.resources").joinpath("annotation_fixes.csv").read_text()
+    return tuple(csv.DictReader(text.splitlines()))
+
+
+def apply_fixes(records: list[dict], dataset: str, sheet) -> list[dict]:
+    """Correct known sheet errors in place; returns the fixes applied. A fix whose old value
+    is not what the sheet holds stops with an error (the sheet is another version)."""
+    by_id = {r["sample_id"]: r for r in records}
+    applied = []
+    for fix in annotation_fixes():
+        if fix["database"] != dataset or fix["sample_id"] not in by_id:
+            continue
+        rec, field = by_id[fix["sample_id"]], fix["field"]
+        have = "" if rec[field] is None else str(rec[field])
+        if have != fix["old"]:
+            raise AnnotationError(f"annotation fix for {dataset} {fix['sample_id']} {field}: "
+                                  f"expected {fix['old']!r}, {Path(sheet).name} has {have!r}")
+        new = fix["new"]
+        rec[field] = parse_frame(new, "annotation_fixes.csv") if field in ("onset", "apex", "offset") else new
+        applied.append(dict(fix))
+    if applied:
+        log.info("%s: applied %d annotation fix(es) from the fix table", Path(sheet).name, len(applied))
+    return applied
 
 
 def read_sheet(path: str | Path, sheet: str | None = None) -> tuple[list[str], list[tuple]]:
@@ -107,7 +142,7 @@ def _check_order(rec: dict, where: str) -> None:
 
 
 def _table(records: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df = pd.DataFrame.from_records([{k: r[k] for k in COLUMNS} for r in records], columns=COLUMNS)
     for c in ("onset", "apex", "offset"):
         df[c] = df[c].astype("Int64")
     dup = df["sample_id"][df["sample_id"].duplicated()]
@@ -131,12 +166,17 @@ def _build(path, header, rows, cols: dict, make_ids, strict: bool,
         rec["action_units"] = _au(raw.get("action_units"))
         rec.update(make_ids(raw, rec))
         rec.setdefault("sample_id", f"{rec['subject']}_{rec['clip']}")
-        if strict:
-            _check_order(rec, r.where(n))
+        rec["_row"] = n
         records.append(rec)
     if not records:
         raise AnnotationError(f"coding sheet {path} has no clips")
-    return _table(records)
+    fixes = apply_fixes(records, records[0]["dataset"], path)
+    if strict:
+        for rec in records:
+            _check_order(rec, r.where(rec["_row"]))
+    table = _table(records)
+    table.attrs["annotation_fixes"] = fixes
+    return table
 
 
 def parse_casme2(path, strict: bool = True) -> pd.DataFrame:
@@ -230,7 +270,9 @@ def parse_dfme(paths, strict: bool = True) -> pd.DataFrame:
         return {"dataset": "dfme", "subject": subject, "clip": clip,
                 "frame_dir": f"{subject}/{clip}"}
     tables = [_build(p, *read_sheet(p), cols, ids, strict) for p in paths]
-    return _table(pd.concat(tables, ignore_index=True).to_dict("records"))
+    out = _table(pd.concat(tables, ignore_index=True).to_dict("records"))
+    out.attrs["annotation_fixes"] = [f for t in tables for f in t.attrs["annotation_fixes"]]
+    return out
 
 
 PARSERS = {"casme2": parse_casme2, "samm": parse_samm, "smic": parse_smic,
