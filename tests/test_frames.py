@@ -106,3 +106,31 @@ def test_flow28_benchmark_dataset(shared_data, tiny_cfg, monkeypatch):
     monkeypatch.setenv("MEXP_DATA", "/nowhere")
     with pytest.raises(DatasetError, match="flow benchmark not found"):
         load_dataset(tiny_cfg.data)
+
+
+@pytest.mark.parametrize("dataset,frame_dir,name", [
+    ("samm", "006/006_1_2", "006_{:05d}.jpg"),
+    ("smic", "s3/micro/negative/s3_ne_03", "image{:06d}.bmp"),
+    ("casme3", "spNO.1/a/color", "{}.jpg"),
+])
+def test_each_database_layout_reads_its_window(tmp_path, dataset, frame_dir, name):
+    import cv2
+    from mexp.data.frames import clip_folder, list_frames
+    d = tmp_path / frame_dir
+    d.mkdir(parents=True)
+    for n in range(100, 112):
+        cv2.imwrite(str(d / name.format(n)), np.full((20, 24), n, np.uint8))
+    folder = clip_folder(tmp_path, frame_dir, dataset, frame_dir.split("/")[-1])
+    win = window(list_frames(folder), 102, 109, folder)
+    assert [n for n, _ in win] == list(range(102, 110))
+    clip = read_clip([p for _, p in win], [n for n, _ in win], 105, 4, "gray", 16)
+    assert clip.shape == (4, 16, 16, 1) and 105 in clip[:, 0, 0, 0].tolist()
+
+
+def test_smic_release_without_the_micro_folder(tmp_path):
+    import cv2
+    from mexp.data.frames import clip_folder
+    d = tmp_path / "s3" / "s3_ne_03"
+    d.mkdir(parents=True)
+    cv2.imwrite(str(d / "image000001.bmp"), np.zeros((8, 8), np.uint8))
+    assert clip_folder(tmp_path, "s3/micro/negative/s3_ne_03", "smic", "s03_ne_03") == d
