@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mexp import plots
 from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
-from mexp.engine import FitResult
+from mexp.engine import FitResult, fit, predict_proba, resolve_device, set_seed
 from mexp.metrics import breakdown, confusion, scores
 from mexp.tracking import T, log_history
 
@@ -53,6 +53,21 @@ class FoldOutput:
     fit: FitResult
     fit_ids: list[str]           # samples the model's weights were fitted on
     select_ids: list[str]        # samples the epoch was selected on (validation subjects)
+
+
+def fit_and_score(cfg, k: int, fold: Fold, make_model: Callable, train: tuple, val: tuple,
+                  x_test, ids: tuple, to_input, augment=None) -> FoldOutput:
+    """The fold recipe every stage shares: a seeded model, fitted on `train` with epochs
+    selected on `val` (if it has samples), class probabilities on `x_test`.
+    `ids` = (test ids, ids fitted on, ids selected on), recorded for the leak check."""
+    set_seed(cfg.training.seed + k)
+    model = make_model()
+    res = fit(model, train, val if len(val[1]) else None, cfg.training, model.num_classes,
+              to_input, augment, seed=cfg.training.seed + k, desc=f"fold {fold.name}")
+    probs = predict_proba(model, x_test, to_input, cfg.training.batch_size,
+                          resolve_device(cfg.training.device))
+    test_ids, fit_ids, select_ids = ids
+    return FoldOutput(list(test_ids), probs, res, list(fit_ids), list(select_ids))
 
 
 def assert_no_leak(fold: Fold, out: FoldOutput, subject_of: dict) -> None:

@@ -15,11 +15,8 @@ import copy
 import logging
 import os
 from multiprocessing import get_context
-from pathlib import Path
 
-import mlflow
 import optuna
-from optuna.trial import TrialState
 
 from mexp import cli
 from mexp.config import Config, apply_dict

@@ -19,11 +19,11 @@ import torch
 from mexp import cli
 from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, run_folds
+from mexp.crossval import FoldOutput, fit_and_score, run_folds
 from mexp.cv import Fold
 from mexp.data.datasets import FLOW28, ClipSet, load_dataset
 from mexp.data.inputs import images_to_tensor, make_augment, prepare_clips, stage1_frames
-from mexp.engine import fit, predict_proba, resolve_device, set_seed
+from mexp.engine import fit, set_seed
 from mexp.models import create_model
 from mexp.tracking import T, configure, stage_run
 
@@ -53,21 +53,15 @@ def check_channels(cfg: Config, clips: np.ndarray) -> int:
 def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray):
     augment = make_augment("flow" if cfg.data.dataset == FLOW28 else "frames") \
         if cfg.data.augmentation else None
-    device = resolve_device(cfg.training.device)
     ids = cs.table["sample_id"].to_numpy()
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
         x_tr, owner = stage1_frames(clips[tr], cs.apex[tr], cfg.data.frames)
-        x_va = clips[va, cs.apex[va]]
-        set_seed(cfg.training.seed + k)
-        model = build_cnn(cfg, clips.shape[-1], len(cs.classes))
-        res = fit(model, (x_tr, cs.labels[tr][owner]), (x_va, cs.labels[va]) if len(va) else None,
-                  cfg.training, len(cs.classes), images_to_tensor, augment,
-                  seed=cfg.training.seed + k, desc=f"fold {fold.name}")
-        probs = predict_proba(model, clips[te, cs.apex[te]], images_to_tensor,
-                              cfg.training.batch_size, device)
-        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+        return fit_and_score(cfg, k, fold, lambda: build_cnn(cfg, clips.shape[-1], len(cs.classes)),
+                             (x_tr, cs.labels[tr][owner]), (clips[va, cs.apex[va]], cs.labels[va]),
+                             clips[te, cs.apex[te]], (ids[te], ids[tr], ids[va]),
+                             images_to_tensor, augment)
     return fold_fn
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 from mexp import cli
 from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, run_folds
+from mexp.crossval import FoldOutput, fit_and_score, run_folds
 from mexp.cv import Fold
 from mexp.data.datasets import load_dataset
 from mexp.data.inputs import clips_to_tensor, make_augment
-from mexp.engine import fit, predict_proba, resolve_device, set_seed
 from mexp.models import create_model
 from mexp.tracking import T, configure, stage_run
 from mexp.train_cnn import check_channels, images
@@ -24,20 +23,16 @@ STAGE = "train_cnn_lstm"
 def make_fold_fn(cfg: Config, cs, clips):
     augment = make_augment("frames") if cfg.data.augmentation else None
     ids = cs.table["sample_id"].to_numpy()
-    device = resolve_device(cfg.training.device)
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
-        set_seed(cfg.training.seed + k)
         m = cfg.model
-        model = create_model(m.name or "cnn_lstm", num_classes=len(cs.classes),
-                             input_channels=clips.shape[-1], feature_dim=m.feature_dim,
-                             hidden_size=m.hidden_size, num_layers=m.num_layers, dropout=m.dropout)
-        res = fit(model, (clips[tr], cs.labels[tr]), (clips[va], cs.labels[va]) if len(va) else None,
-                  cfg.training, len(cs.classes), clips_to_tensor, augment,
-                  seed=cfg.training.seed + k, desc=f"fold {fold.name}")
-        probs = predict_proba(model, clips[te], clips_to_tensor, cfg.training.batch_size, device)
-        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+        return fit_and_score(cfg, k, fold, lambda: create_model(
+            m.name or "cnn_lstm", num_classes=len(cs.classes), input_channels=clips.shape[-1],
+            feature_dim=m.feature_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
+            dropout=m.dropout),
+            (clips[tr], cs.labels[tr]), (clips[va], cs.labels[va]), clips[te],
+            (ids[te], ids[tr], ids[va]), clips_to_tensor, augment)
     return fold_fn
 
 

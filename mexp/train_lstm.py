@@ -19,11 +19,10 @@ import pandas as pd
 from mexp import cli
 from mexp.common import run_repeats, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, run_folds
+from mexp.crossval import FoldOutput, fit_and_score, run_folds
 from mexp.cv import Fold, FoldPlan
 from mexp.data.datasets import resolve_path
 from mexp.data.inputs import features_to_tensor
-from mexp.engine import fit, predict_proba, resolve_device, set_seed
 from mexp.models import create_model
 from mexp.tracking import T, LineageError, check_run, configure, download, latest_run, stage_run
 
@@ -69,21 +68,16 @@ def resolve_features(cfg: Config, tmp: Path) -> Features:
 def make_fold_fn(cfg: Config, feats: Features, classes):
     ids = feats.table["sample_id"].to_numpy()
     pos = {s: i for i, s in enumerate(ids)}
-    labels = feats.table["label"].to_numpy(np.int64)
-    device = resolve_device(cfg.training.device)
+    y = feats.table["label"].to_numpy(np.int64)
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         x = feats.fold(fold.name).astype(np.float32)          # (N, T, D)
         tr, va, te = ([pos[i] for i in s] for s in (fold.train_ids, fold.val_ids, fold.test_ids))
-        set_seed(cfg.training.seed + k)
-        model = create_model(cfg.model.name or "lstm", num_classes=len(classes),
-                             input_dim=x.shape[-1], hidden_size=cfg.model.hidden_size,
-                             num_layers=cfg.model.num_layers, dropout=cfg.model.dropout)
-        res = fit(model, (x[tr], labels[tr]), (x[va], labels[va]) if va else None, cfg.training,
-                  len(classes), features_to_tensor, seed=cfg.training.seed + k,
-                  desc=f"fold {fold.name}")
-        probs = predict_proba(model, x[te], features_to_tensor, cfg.training.batch_size, device)
-        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+        m = cfg.model
+        return fit_and_score(cfg, k, fold, lambda: create_model(
+            m.name or "lstm", num_classes=len(classes), input_dim=x.shape[-1],
+            hidden_size=m.hidden_size, num_layers=m.num_layers, dropout=m.dropout),
+            (x[tr], y[tr]), (x[va], y[va]), x[te], (ids[te], ids[tr], ids[va]), features_to_tensor)
     return fold_fn
 
 

@@ -18,10 +18,9 @@ import pandas as pd
 from mexp import cli
 from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, run_folds
+from mexp.crossval import FoldOutput, fit_and_score, run_folds
 from mexp.cv import Fold
 from mexp.data.inputs import features_to_tensor
-from mexp.engine import fit, predict_proba, resolve_device, set_seed
 from mexp.models import create_model
 from mexp.tracking import T, configure, download, resolve_parent, stage_run
 
@@ -46,21 +45,15 @@ def make_fold_fn(cfg: Config, table: pd.DataFrame, x: np.ndarray, classes):
     ids = table["sample_id"].to_numpy()
     pos = {s: i for i, s in enumerate(ids)}
     y = table["label"].to_numpy(np.int64)
-    device = resolve_device(cfg.training.device)
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         tr, va, te = ([pos[i] for i in s] for s in (fold.train_ids, fold.val_ids, fold.test_ids))
-        z = standardise(x, tr)
-        set_seed(cfg.training.seed + k)
-        model = create_model(cfg.model.name or "roi_transformer", num_classes=len(classes),
-                             input_dim=x.shape[-1], dim=cfg.model.dim, heads=cfg.model.heads,
-                             num_layers=cfg.model.num_layers, dropout=cfg.model.dropout,
-                             max_len=max(64, x.shape[1]))
-        res = fit(model, (z[tr], y[tr]), (z[va], y[va]) if va else None, cfg.training,
-                  len(classes), features_to_tensor, seed=cfg.training.seed + k,
-                  desc=f"fold {fold.name}")
-        probs = predict_proba(model, z[te], features_to_tensor, cfg.training.batch_size, device)
-        return FoldOutput(list(ids[te]), probs, res, list(ids[tr]), list(ids[va]))
+        z, m = standardise(x, tr), cfg.model
+        return fit_and_score(cfg, k, fold, lambda: create_model(
+            m.name or "roi_transformer", num_classes=len(classes), input_dim=x.shape[-1],
+            dim=m.dim, heads=m.heads, num_layers=m.num_layers, dropout=m.dropout,
+            max_len=max(64, x.shape[1])),
+            (z[tr], y[tr]), (z[va], y[va]), z[te], (ids[te], ids[tr], ids[va]), features_to_tensor)
     return fold_fn
 
 

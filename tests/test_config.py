@@ -1,7 +1,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from mexp.config import Config, ConfigError, load_config, parse_overrides
 

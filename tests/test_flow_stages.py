@@ -3,7 +3,6 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from mexp import extract_flow, train_roi
-from mexp.data.datasets import load_dataset
 
 
 def test_extract_flow_then_train_roi(tiny_cfg, tracking, tmp_path):

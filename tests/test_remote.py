@@ -1,6 +1,5 @@
 """Against a real `mlflow server` on loopback: the pipeline with proxied artifacts, promotion and
 loading the champion back; basic auth; a stage that cannot reach its server fails fast."""
-import os
 import subprocess
 import sys
 import urllib.request
