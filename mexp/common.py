@@ -107,3 +107,16 @@ def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
         for k, (m, sd) in agg.items()) + f"; run {rid}")
     return {"run_id": rid, "repeats": results,
             **{k: m for k, (m, _) in agg.items()}, **{f"{k}_sd": sd for k, (_, sd) in agg.items()}}
+
+
+def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: str,
+                   dataset: str, classes, fold_fn) -> dict:
+    """Inside a stage's run: the dataset input and fold plan, every fold, the pooled summary.
+    `table` needs sample_id, dataset, label and `group` (the CV subject) columns."""
+    from mexp.crossval import run_folds
+    log_dataset(table, digest, dataset)
+    log_plan(plan, table["sample_id"])
+    summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
+                        out_dir(cfg), oracle=cfg.evaluation.oracle)
+    summary["run_id"] = run.info.run_id
+    return summary

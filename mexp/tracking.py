@@ -173,14 +173,19 @@ def check_run(run_id: str, stage: str, finished: bool = True):
     return run
 
 
-def latest_run(stage: str, cfg: Config):
-    """The newest FINISHED run of `stage` in the experiment whose data config matches."""
+def _newest_finished(cfg: Config, stage: str, tag: str, value: str):
+    """The newest FINISHED run of `stage` in the experiment whose tag `tag` equals `value`."""
     exp = configure(cfg)
-    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}data_config` = '{data_identity(cfg)}' "
+    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}{tag}` = '{value}' "
            f"and attributes.status = 'FINISHED'")
     runs = MlflowClient().search_runs([exp], flt, order_by=["attributes.start_time DESC"],
                                       max_results=1)
     return runs[0] if runs else None
+
+
+def latest_run(stage: str, cfg: Config):
+    """The newest FINISHED run of `stage` in the experiment whose data config matches."""
+    return _newest_finished(cfg, stage, "data_config", data_identity(cfg))
 
 
 def resolve_parent(cfg: Config, run_id: str, stage: str):
@@ -207,9 +212,5 @@ def download(run_id: str, path: str, dst: str | Path) -> Path:
 
 
 def find_reusable(cfg: Config, stage: str, reuse_key: str):
-    exp = configure(cfg)
-    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}reuse_key` = '{reuse_key}' "
-           f"and attributes.status = 'FINISHED'")
-    runs = MlflowClient().search_runs([exp], flt, order_by=["attributes.start_time DESC"],
-                                      max_results=1)
-    return runs[0] if runs else None
+    """A FINISHED run of `stage` with this reuse key (same config, data, code, upstream)."""
+    return _newest_finished(cfg, stage, "reuse_key", reuse_key)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from mexp import cli
-from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import (cross_validate, run_repeats, fold_plan, log_dataset, log_plan, setup_torch, summary_line)
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score, run_folds
+from mexp.crossval import FoldOutput, fit_and_score
 from mexp.cv import Fold
 from mexp.data.datasets import FLOW28, ClipSet, load_dataset
 from mexp.data.inputs import images_to_tensor, make_augment, prepare_clips, stage1_frames
@@ -91,17 +91,15 @@ def main(cfg: Config) -> dict:
     plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
     with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
                    tags={T + "model": cfg.model.name or "cnn"}) as run:
-        log_dataset(cs.table, cs.digest, cfg.data.dataset)
-        log_plan(plan, cs.table["sample_id"])
         if cfg.stage1.scope == "all_subjects":
+            log_dataset(cs.table, cs.digest, cfg.data.dataset)
+            log_plan(plan, cs.table["sample_id"])
             train_all_subjects(cfg, cs, clips)
             print(f"{STAGE}: one CNN on all subjects (LEAKING scope); run {run.info.run_id}")
             return {"run_id": run.info.run_id, "leak": True}
-        table = cs.table.assign(subject=cs.groups)
-        summary = run_folds(plan, table, cs.classes, STAGE, make_fold_fn(cfg, cs, clips),
-                            out_dir(cfg),
-                            oracle=cfg.evaluation.oracle)
-        summary["run_id"] = run.info.run_id
+        summary = cross_validate(cfg, STAGE, run, plan, cs.table.assign(group=cs.groups),
+                                 cs.digest, cfg.data.dataset, cs.classes,
+                                 make_fold_fn(cfg, cs, clips))
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary
 

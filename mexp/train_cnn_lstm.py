@@ -7,9 +7,9 @@ Same contract as the other stages: fold plan, nested fold runs, pooled metrics a
 from __future__ import annotations
 
 from mexp import cli
-from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import cross_validate, run_repeats, fold_plan, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score, run_folds
+from mexp.crossval import FoldOutput, fit_and_score
 from mexp.cv import Fold
 from mexp.data.datasets import load_dataset
 from mexp.data.inputs import clips_to_tensor, make_augment
@@ -47,12 +47,9 @@ def main(cfg: Config) -> dict:
     plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
     with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
                    tags={T + "model": cfg.model.name or "cnn_lstm"}) as run:
-        log_dataset(cs.table, cs.digest, cfg.data.dataset)
-        log_plan(plan, cs.table["sample_id"])
-        summary = run_folds(plan, cs.table.assign(subject=cs.groups), cs.classes, STAGE,
-                            make_fold_fn(cfg, cs, clips), out_dir(cfg),
-                            oracle=cfg.evaluation.oracle)
-        summary["run_id"] = run.info.run_id
+        summary = cross_validate(cfg, STAGE, run, plan, cs.table.assign(group=cs.groups),
+                                 cs.digest, cfg.data.dataset, cs.classes,
+                                 make_fold_fn(cfg, cs, clips))
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary
 

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import run_repeats, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import cross_validate, run_repeats, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score, run_folds
+from mexp.crossval import FoldOutput, fit_and_score
 from mexp.cv import Fold, FoldPlan
 from mexp.data.datasets import resolve_path
 from mexp.data.inputs import features_to_tensor
@@ -94,13 +94,10 @@ def main(cfg: Config) -> dict:
                 T + "cnn_run_id": lin["cnn_run_id"], T + "leak": str(leak).lower(),
                 T + "model": cfg.model.name or "lstm"}
         with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
-            log_dataset(feats.table, lin["data_digest"], lin.get("dataset", "features"))
-            log_plan(feats.plan, feats.table["sample_id"])
-            table = feats.table.assign(subject=feats.table["group"])
-            summary = run_folds(feats.plan, table, lin["classes"], STAGE,
-                                make_fold_fn(cfg, feats, lin["classes"]), out_dir(cfg),
-                            oracle=cfg.evaluation.oracle)
-            summary |= {"run_id": run.info.run_id, "leak": leak}
+            summary = cross_validate(cfg, STAGE, run, feats.plan, feats.table,
+                                     lin["data_digest"], lin.get("dataset", "features"),
+                                     lin["classes"], make_fold_fn(cfg, feats, lin["classes"]))
+            summary["leak"] = leak
     warn = " -- LEAKING: the stage-1 CNN saw the test subjects" if leak else ""
     print(summary_line(STAGE, summary, summary["run_id"], warn))
     return summary

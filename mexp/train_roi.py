@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import run_repeats, fold_plan, log_dataset, log_plan, out_dir, setup_torch, summary_line
+from mexp.common import cross_validate, run_repeats, fold_plan, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score, run_folds
+from mexp.crossval import FoldOutput, fit_and_score
 from mexp.cv import Fold
 from mexp.data.inputs import features_to_tensor
 from mexp.models import create_model
@@ -71,12 +71,8 @@ def main(cfg: Config) -> dict:
     tags = {T + "parent_run_id": fid, T + "flow_run_id": fid,
             T + "model": cfg.model.name or "roi_transformer", T + "flow_method": meta["method"]}
     with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
-        log_dataset(table, meta["data_digest"], meta["dataset"])
-        log_plan(plan, table["sample_id"])
-        summary = run_folds(plan, table.assign(subject=table["group"]), classes, STAGE,
-                            make_fold_fn(cfg, table, x, classes), out_dir(cfg),
-                            oracle=cfg.evaluation.oracle)
-        summary["run_id"] = run.info.run_id
+        summary = cross_validate(cfg, STAGE, run, plan, table, meta["data_digest"],
+                                 meta["dataset"], classes, make_fold_fn(cfg, table, x, classes))
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary
 
