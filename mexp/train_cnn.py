@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from mexp import cli
-from mexp.common import (cross_validate, run_repeats, fold_plan, log_dataset, log_plan, setup_torch, summary_line)
+from mexp.common import (cross_validate, fold_plan, log_dataset, log_plan, run_repeats,
+                         setup_torch, summary_line)
 from mexp.config import Config
 from mexp.crossval import FoldOutput, fit_and_score
 from mexp.cv import Fold
