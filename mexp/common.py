@@ -117,6 +117,7 @@ def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: 
     log_dataset(table, digest, dataset)
     log_plan(plan, table["sample_id"])
     summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
-                        out_dir(cfg), oracle=cfg.evaluation.oracle)
+                        out_dir(cfg), oracle=cfg.evaluation.oracle,
+                        workers=cfg.training.fold_workers)
     summary["run_id"] = run.info.run_id
     return summary

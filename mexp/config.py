@@ -70,6 +70,7 @@ class TrainingConfig:
     seed: int = 42
     device: str = "auto"             # auto | cpu | cuda
     num_threads: int = 0             # torch threads; 0: leave torch's default
+    fold_workers: int = 1            # folds trained at once in worker processes (CPU: cores)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mexp import plots
 from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
+from mexp.fold_pool import fold_outputs
 from mexp.engine import FitResult, fit, predict_proba, resolve_device, set_seed
 from mexp.metrics import breakdown, confusion, scores
 from mexp.tracking import T, log_history
@@ -158,11 +159,13 @@ class FoldLogger:
 
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
               fold_fn: Callable[[int, Fold], FoldOutput], out_dir: Path | None = None,
-              on_fold: Callable[[int, dict], None] | None = None, oracle: bool = False) -> dict:
+              on_fold: Callable[[int, dict], None] | None = None, oracle: bool = False,
+              workers: int = 1) -> dict:
     """Run (or resume) every fold of `plan` under the active parent run, then log the pooled
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
     in plan order (HPO reports and prunes there). `oracle=True` selects epochs on the test
-    fold, as some papers do: the run is tagged and its metrics are logged as oracle/*."""
+    fold, as some papers do: the run is tagged and its metrics are logged as oracle/*.
+    `workers > 1` trains that many folds at once in worker processes (`mexp.fold_pool`)."""
     parent = mlflow.active_run().info.run_id
     check_plan(plan, table["sample_id"])        # safeguard: no subject/database on two sides
     if oracle:
@@ -178,14 +181,19 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     subject_of = dict(zip(table["sample_id"], table["subject"]))
     results: dict[str, dict] = dict(done)
     logger = FoldLogger(parent, stage, classes, out_dir)
+    if oracle:
+        def run_fold(k, fold, fn=fold_fn):
+            return fn(k, replace(fold, val_ids=fold.test_ids, val_subjects=fold.test_subjects))
+    else:
+        run_fold = fold_fn
+    todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
+    outputs = fold_outputs(run_fold, todo, workers)
     try:
         for k, fold in enumerate(tqdm(plan.folds, desc=f"{stage} folds", unit="fold")):
             if fold.name not in done:
-                if oracle:
-                    out = fold_fn(k, replace(fold, val_ids=fold.test_ids,
-                                             val_subjects=fold.test_subjects))
-                else:
-                    out = fold_fn(k, fold)
+                k_out, fold_out, out = next(outputs)
+                assert (k_out, fold_out.name) == (k, fold.name)
+                if not oracle:
                     assert_no_leak(fold, out, subject_of)
                 y = np.array([label_of[i] for i in out.test_ids])
                 logger.submit(fold, out, y)
@@ -196,6 +204,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
                 on_fold(k, pooled_scores(so_far, label_of, len(classes)))
         results.update(logger.drain())     # the pooled metrics come from what was logged
     finally:
+        outputs.close()                    # cancels folds not started (e.g. a pruned trial)
         logger.close()
     results = [results[f.name] for f in plan.folds]
     return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")

@@ -9,6 +9,7 @@ INPUTS = {
     "lstm": lambda: torch.randn(2, 8, 256),
     "cnn_lstm": lambda: torch.randn(2, 4, 1, 48, 48),
     "roi_transformer": lambda: torch.randn(2, 16, 14),
+    "ststnet": lambda: torch.randn(2, 3, 28, 28),
 }
 
 
@@ -41,8 +42,15 @@ def test_cnn_takes_the_megc2019_flow_images():
     assert model.forward_features(torch.randn(4, 3, 28, 28)).shape == (4, 256)
 
 
+def test_ststnet_has_the_published_shape():
+    model = create_model("ststnet", num_classes=3)
+    # three 3x3 conv streams (3+5+8 filters, with bias and batch norm) and a 400 -> 3 head
+    assert count_parameters(model) == 16 * 27 + 16 + 2 * 16 + 400 * 3 + 3
+    assert model.forward_features(torch.randn(1, 3, 28, 28)).shape == (1, 400)
+
+
 def test_registry_errors_list_the_known_models():
-    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, flow_cnn, lstm, roi_transformer"):
+    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, flow_cnn, lstm, roi_transformer, ststnet"):
         create_model("resnet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("cnn")(object)

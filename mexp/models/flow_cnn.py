@@ -31,3 +31,30 @@ class FlowCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))  # (B, num_classes)
+
+
+@register_model("ststnet")
+class STSTNet(nn.Module):
+    """The shallow triple-stream network of STSTNet (Liong et al., FG 2019) for 28x28 flow
+    images: three parallel 3x3 convolutions (3, 5 and 8 filters) with ReLU and batch norm,
+    3x3 max pooling (stride 3), their maps concatenated, 2x2 average pooling, one linear
+    layer. ~1.7K parameters: little to memorise subjects with."""
+
+    def __init__(self, num_classes: int = 3, input_channels: int = 3,
+                 streams: tuple = (3, 5, 8), dropout: float = 0.0, image_size: int = 28, **_):
+        super().__init__()
+        self.num_classes = num_classes
+        self.streams = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(input_channels, c, 3, padding=1), nn.ReLU(inplace=True),
+                          nn.BatchNorm2d(c), nn.MaxPool2d(3, 3, padding=1))
+            for c in streams)
+        side = (image_size + 2 - 3) // 3 + 1 if image_size else 10     # 28 -> 10
+        self.pool = nn.AvgPool2d(2, 2)
+        self.feature_dim = sum(streams) * (side // 2) ** 2               # 16 * 5 * 5 = 400
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.cat([s(x) for s in self.streams], 1)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
