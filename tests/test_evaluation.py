@@ -2,13 +2,16 @@
 database protocols, and the safeguards that stop a leaking run."""
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mexp import evaluate, train_cnn
 from mexp.cv import FoldPlanError, check_plan, make_plan
+from mexp.metrics import scores
 
 
 @pytest.fixture
@@ -53,6 +56,16 @@ def test_seed_repeats_log_mean_and_sd(cfg, capsys):
     assert parent.data.metrics["repeats/uf1_mean"] == pytest.approx(np.mean(ufs))
     assert parent.data.metrics["repeats/uf1_sd"] == pytest.approx(np.std(ufs, ddof=1))
     assert "±" in capsys.readouterr().out
+    # the seed ensemble, recomputed here from the two repeats' own predictions
+    with tempfile.TemporaryDirectory() as d:
+        preds = [pd.read_csv(client.download_artifacts(r["run_id"], "predictions.csv", d + f"/{i}"))
+                 .sort_values("sample_id") for i, r in enumerate(out["repeats"])]
+    cols = [c for c in preds[0] if c.startswith("prob_")]
+    avg = (preds[0][cols].to_numpy() + preds[1][cols].to_numpy()) / 2
+    want = scores(preds[0]["label"].to_numpy(), avg.argmax(1), len(cols))["uf1"]
+    assert parent.data.metrics["ensemble/uf1"] == pytest.approx(want, abs=1e-6)
+    assert out["ensemble"]["uf1"] == pytest.approx(want, abs=1e-6)
+    assert "ensemble_predictions.csv" in {a.path for a in client.list_artifacts(out["run_id"])}
 
 
 def _composite():
