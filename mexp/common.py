@@ -162,6 +162,20 @@ def seed_ensemble(run_ids: list[str]) -> dict:
             "members": len(run_ids)}
 
 
+def fold_workers(cfg: Config) -> int:
+    """training.fold_workers, with 0 meaning one process per CPU core (or 1 on a GPU, where
+    folds in parallel would only queue on the one device)."""
+    import os
+
+    from mexp.engine import resolve_device
+    n = cfg.training.fold_workers
+    if n < 0:
+        raise ValueError(f"training.fold_workers must be >= 0, got {n}")
+    if n == 0:
+        n = 1 if resolve_device(cfg.training.device).type == "cuda" else (os.cpu_count() or 1)
+    return n
+
+
 def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: str,
                    dataset: str, classes, fold_fn) -> dict:
     """Inside a stage's run: the dataset input and fold plan, every fold, the pooled summary.
@@ -171,6 +185,6 @@ def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: 
     log_plan(plan, table["sample_id"])
     summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
                         out_dir(cfg), oracle=cfg.evaluation.oracle,
-                        workers=cfg.training.fold_workers)
+                        workers=fold_workers(cfg))
     summary["run_id"] = run.info.run_id
     return summary

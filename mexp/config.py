@@ -70,7 +70,7 @@ class TrainingConfig:
     seed: int = 42
     device: str = "auto"             # auto | cpu | cuda
     num_threads: int = 0             # torch threads; 0: leave torch's default
-    fold_workers: int = 1            # folds trained at once in worker processes (CPU: cores)
+    fold_workers: int = 1            # folds trained at once in processes; 0: one per core
 
 
 @dataclass

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mexp.metrics import scores
 
 Batch = Callable[[np.ndarray], torch.Tensor]
+SHOW_PROGRESS = True        # per-epoch bars; off in fold worker processes (mexp.fold_pool)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -109,7 +110,8 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
     opt = make_optimizer(model, tcfg)
     res = FitResult(selected_on="validation" if val is not None and len(val[1]) else "final")
     best, stale = float("inf"), 0
-    bar = tqdm(range(1, tcfg.epochs + 1), desc=desc, unit="ep", leave=False)
+    bar = tqdm(range(1, tcfg.epochs + 1), desc=desc, unit="ep", leave=False,
+               disable=not SHOW_PROGRESS)
     for epoch in bar:
         row = {"epoch": epoch, "train/loss": train_one_epoch(
             model, x, y, opt, loss_fn, to_input, tcfg.batch_size, rng, device, augment)}

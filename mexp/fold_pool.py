@@ -6,9 +6,6 @@ the unit of parallel work. Workers are *spawned* (safe with CUDA and with thread
 e.g. the fold logger); the stage's fold function is sent to each worker once, with cloudpickle,
 since it is a closure over the stage's data. Outputs come back in plan order, so logging,
 the leak check and HPO pruning see exactly what a serial run would.
-
-This module imports nothing heavy at the top: a worker's progress bars must be switched off
-before tqdm is imported.
 """
 from __future__ import annotations
 
@@ -20,10 +17,12 @@ _FOLD_FN: Callable | None = None
 
 def _init_worker(blob: bytes, threads: int) -> None:
     global _FOLD_FN
-    os.environ["TQDM_DISABLE"] = "1"            # one bar per worker would scramble the terminal
     import cloudpickle
     import torch
 
+    from mexp import engine
+
+    engine.SHOW_PROGRESS = False        # one bar per worker would scramble the terminal
     torch.set_num_threads(threads)
     _FOLD_FN = cloudpickle.loads(blob)
 
