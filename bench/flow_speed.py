@@ -1,6 +1,6 @@
 """Optical-flow extraction speed: clips per second per method, serial against the process pool.
 
-    python bench/flow_speed.py [--clips 32] [--tvl1-clips 8] [--workdir /tmp/mexp-flow-bench]
+    python bench/flow_speed.py [--clips 255] [--tvl1-clips 8] [--workdir /tmp/mexp-flow-bench]
 
 Synthetic clips in CASME II's layout at the ROI config's size (128 px, 16 frames, head jitter),
 through `mexp.extract_flow.compute` (face box, onset->frame flow, head-motion compensation,
@@ -22,7 +22,7 @@ from mexp.config import load_config
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clips", type=int, default=32)
+    ap.add_argument("--clips", type=int, default=255)
     ap.add_argument("--tvl1-clips", type=int, default=8)
     ap.add_argument("--methods", default="dis,farneback,tvl1")
     ap.add_argument("--workdir", default="")

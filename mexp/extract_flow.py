@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -55,7 +56,11 @@ def compute(cs: ClipSet, fcfg) -> tuple[list[str], np.ndarray, np.ndarray, list[
     workers = fcfg.workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc=f"flow ({fcfg.method})", unit="clip")
     if workers > 1 and len(jobs) >= 4 * workers:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+        # fork on Linux: the workers run OpenCV on arrays only (no torch, no MLflow), and a
+        # spawned worker re-imports the stage (torch, MLflow: ~4-5 s here), which made the
+        # pool slower than one process for DIS/Farneback (bench/flow_speed.py, BENCHMARKS.md)
+        ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             out = list(tqdm(ex.map(_one, jobs, chunksize=4), **bar))
     else:
         out = [_one(j) for j in tqdm(jobs, **bar)]

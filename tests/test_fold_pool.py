@@ -49,3 +49,15 @@ def _probs(client, run_id, d):
     d.mkdir()
     pred = pd.read_csv(client.download_artifacts(run_id, "predictions.csv", str(d)))
     return pred.sort_values("sample_id").filter(like="prob_").to_numpy()
+
+
+def test_zero_fold_workers_means_one_per_core_and_negative_is_refused(tiny_cfg, monkeypatch):
+    import os
+
+    from mexp.common import fold_workers
+    tiny_cfg.training.device = "cpu"
+    tiny_cfg.training.fold_workers = 0
+    assert fold_workers(tiny_cfg) == (os.cpu_count() or 1)
+    tiny_cfg.training.fold_workers = -1
+    with pytest.raises(ValueError, match="fold_workers must be >= 0"):
+        fold_workers(tiny_cfg)
