@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -23,23 +22,11 @@ from mexp.common import log_dataset
 from mexp.config import Config
 from mexp.data.cache import ClipCache, digest
 from mexp.data.datasets import FLOW28, ClipSet, load_dataset, resolve_path
-from mexp.flow.roi import ROIS, NoFaceError, clip_motion
+from mexp.flow.roi import ROIS, NoFaceError, motion_job
 from mexp.tracking import T, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "extract_flow"
-
-
-def _one(args):
-    """Worker: (sample id, frames, apex, method, face, compensate) -> (id, roi, img, error)."""
-    import cv2
-    cv2.setNumThreads(1)
-    sid, frames, apex, method, face, comp = args
-    try:
-        roi, img = clip_motion(frames, apex, method, face, comp, where=sid)
-        return sid, roi, img, None
-    except NoFaceError as e:
-        return sid, None, None, str(e)
 
 
 def gray(clip: np.ndarray) -> np.ndarray:
@@ -56,14 +43,14 @@ def compute(cs: ClipSet, fcfg) -> tuple[list[str], np.ndarray, np.ndarray, list[
     workers = fcfg.workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc=f"flow ({fcfg.method})", unit="clip")
     if workers > 1 and len(jobs) >= 4 * workers:
-        # fork on Linux: the workers run OpenCV on arrays only (no torch, no MLflow), and a
-        # spawned worker re-imports the stage (torch, MLflow: ~4-5 s here), which made the
-        # pool slower than one process for DIS/Farneback (bench/flow_speed.py, BENCHMARKS.md)
-        ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            out = list(tqdm(ex.map(_one, jobs, chunksize=4), **bar))
+        # spawned workers (fork deadlocked here under the threads of torch and the tests); the
+        # worker function lives in a module that imports only OpenCV, since importing this
+        # stage's torch and MLflow in every worker made the pool slower than one process
+        # for DIS and Farneback (bench/flow_speed.py, BENCHMARKS.md)
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
+            out = list(tqdm(ex.map(motion_job, jobs, chunksize=4), **bar))
     else:
-        out = [_one(j) for j in tqdm(jobs, **bar)]
+        out = [motion_job(j) for j in tqdm(jobs, **bar)]
     skipped = [f"{sid}: {err}" for sid, _, _, err in out if err]
     if skipped and fcfg.no_face == "error":
         raise NoFaceError(skipped[0] + (f" (and {len(skipped) - 1} more clips)" if len(skipped) > 1

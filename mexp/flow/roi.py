@@ -105,3 +105,16 @@ def clip_motion(frames: np.ndarray, apex: int, method: str, face: str = "full",
     if compensate_head:
         flows = compensate(flows, head_mask(box, frames.shape[1:3]))
     return roi_features(flows, box), flow_image(flows[apex], box)
+
+
+def motion_job(args):
+    """Process-pool worker for extract_flow: (sample id, frames, apex, method, face, compensate)
+    -> (id, roi, img, error). It lives here, in a module that imports only OpenCV and numpy,
+    so that a spawned worker starts in a fraction of a second."""
+    cv2.setNumThreads(1)
+    sid, frames, apex, method, face, comp = args
+    try:
+        roi, img = clip_motion(frames, apex, method, face, comp, where=sid)
+        return sid, roi, img, None
+    except NoFaceError as e:
+        return sid, None, None, str(e)
