@@ -4,7 +4,8 @@
 
 Prints pooled UF1/UAR/accuracy, the per-database, per-subject and per-class scores and the
 confusion matrix, and checks each `test/*` (or `oracle/*`) metric logged on the run against the
-recomputed value. Exits 1 when any differs: the run's numbers are then not what its
+recomputed value. On a `repeats=N` parent run it checks the seed ensemble (`ensemble/*`
+against `ensemble_predictions.csv`). Exits 1 when any differs: the run's numbers are then not what its
 predictions say.
 """
 from __future__ import annotations
@@ -56,16 +57,20 @@ def expected_metrics(report: dict, prefix: str) -> dict[str, float]:
 
 
 def evaluate(run_id: str) -> tuple[dict, list[str]]:
-    """(report, mismatches) for a run that logged predictions.csv."""
+    """(report, mismatches) for a run that logged predictions.csv, or for a `repeats=N` parent:
+    its seed ensemble (ensemble_predictions.csv against the ensemble/* metrics)."""
     client = MlflowClient()
     run = client.get_run(run_id)
+    ensemble = "mexp.repeats" in run.data.tags
     with tempfile.TemporaryDirectory() as d:
-        pred = pd.read_csv(download(run_id, "predictions.csv", d))
+        pred = pd.read_csv(download(run_id, "ensemble_predictions.csv" if ensemble
+                                    else "predictions.csv", d))
         try:
             classes = json.loads(Path(download(run_id, "confusion_matrix.json", d)).read_text())["classes"]
         except LineageError:
             classes = [c[len("prob_"):] for c in pred.columns if c.startswith("prob_")]
-    prefix = "oracle" if run.data.tags.get("mexp.oracle") == "true" else "test"
+    prefix = "ensemble" if ensemble else (
+        "oracle" if run.data.tags.get("mexp.oracle") == "true" else "test")
     report = recompute(pred, classes)
     logged = run.data.metrics
     bad = [f"{k}: logged {logged.get(k)!r}, recomputed {v!r}"

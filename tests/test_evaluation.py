@@ -66,6 +66,8 @@ def test_seed_repeats_log_mean_and_sd(cfg, capsys):
     assert parent.data.metrics["ensemble/uf1"] == pytest.approx(want, abs=1e-6)
     assert out["ensemble"]["uf1"] == pytest.approx(want, abs=1e-6)
     assert "ensemble_predictions.csv" in {a.path for a in client.list_artifacts(out["run_id"])}
+    report, bad = evaluate.evaluate(out["run_id"])      # the parent: its ensemble is checked
+    assert bad == [] and "ensemble/uf1" in report["checked"]
 
 
 def _composite():
