@@ -80,16 +80,19 @@ def assert_no_leak(fold: Fold, out: FoldOutput, subject_of: dict) -> None:
             raise FoldPlanError(f"fold {fold.name}: the model was {what} on test subject(s) {bad}")
 
 
-def _completed(run_id: str) -> dict[str, dict]:
+def fold_results(run_id: str) -> list[dict]:
+    """Every fold result file (`folds/<name>.json`) on a stage run. Composite data have fold
+    names like `casme2/sub01`, so the files can sit in sub-folders."""
     client = MlflowClient()
-    done = {}
-    for a in client.list_artifacts(run_id, "folds"):
-        if a.path.endswith(".json"):
-            with tempfile.TemporaryDirectory() as d:
-                p = client.download_artifacts(run_id, a.path, d)
-                r = json.loads(Path(p).read_text())
-            done[r["fold"]] = r
-    return done
+    if not client.list_artifacts(run_id, "folds"):
+        return []
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(client.download_artifacts(run_id, "folds", d))
+        return [json.loads(p.read_text()) for p in sorted(root.rglob("*.json"))]
+
+
+def _completed(run_id: str) -> dict[str, dict]:
+    return {r["fold"]: r for r in fold_results(run_id)}
 
 
 def _kill_stale_fold_runs(parent_id: str) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from mlflow.tracking import MlflowClient
 
 from mexp.config import Config, load_config
+from mexp.crossval import fold_results
 from mexp.data.datasets import FLOW28, load_dataset
 from mexp.data.inputs import (clips_to_tensor, features_to_tensor, images_to_tensor, make_augment,
                               stage1_frames)
@@ -56,12 +56,7 @@ def run_config(run_id: str, path: str = "config.yaml") -> Config:
 
 def final_epochs(run_id: str, fallback: int) -> int:
     """Median of the epochs the run's folds kept (validation-chosen, or the last)."""
-    client = MlflowClient()
-    kept = []
-    with tempfile.TemporaryDirectory() as d:
-        for a in client.list_artifacts(run_id, "folds"):
-            kept.append(json.loads(Path(client.download_artifacts(run_id, a.path, d)).read_text())
-                        ["best_epoch"])
+    kept = [r["best_epoch"] for r in fold_results(run_id)]
     return max(1, int(np.median(kept))) if kept else fallback
 
 

@@ -58,3 +58,18 @@ def test_resume_after_kill_9(tiny_cfg, tracking, tmp_path):
     fresh = train_cnn.main(cfg)
     assert (resumed["uf1"], resumed["uar"], resumed["accuracy"]) == \
         (fresh["uf1"], fresh["uar"], fresh["accuracy"])
+
+
+def test_fold_results_include_composite_subject_folds(tracking):
+    """Composite LOSO folds are named `casme2/sub01`: their result files sit in sub-folders,
+    and both resume and the refit's epoch count must find them."""
+    import mlflow
+
+    from mexp.crossval import _completed
+    from mexp.refit import final_epochs
+    mlflow.set_experiment("fold-results")            # this test's own store
+    with mlflow.start_run() as run:
+        for name, epoch in (("casme2/sub01", 10), ("samm/006", 20), ("k0", 30)):
+            mlflow.log_dict({"fold": name, "best_epoch": epoch}, f"folds/{name}.json")
+    assert set(_completed(run.info.run_id)) == {"casme2/sub01", "samm/006", "k0"}
+    assert final_epochs(run.info.run_id, fallback=99) == 20
