@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-from mexp.config import load_config
+from _setup import synthetic_config, workdir
 
 
 def main() -> None:
@@ -27,18 +25,12 @@ def main() -> None:
     ap.add_argument("--methods", default="dis,farneback,tvl1")
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mexp-flow-bench-"))
-    repo = Path(__file__).resolve().parents[1]
+    work = workdir(args.workdir, "mexp-flow-bench-", tracking=False)
 
     from mexp.data.datasets import load_dataset
-    from mexp.data.synthetic import generate
     from mexp.extract_flow import compute
 
-    cfg = load_config(repo / "configs/roi.yaml", [
-        f"data.root={work}/synthetic", f"synth.out={work}/synthetic",
-        f"data.cache_dir={work}/cache", "synth.image_size=128"])
-    if not (work / "synthetic").exists():
-        generate(cfg.synth)
+    cfg = synthetic_config("roi.yaml", work, ["synth.image_size=128"])
     cs = load_dataset(cfg.data)
     cores = os.cpu_count() or 1
     print(f"machine: {platform.machine()}, {cores} cores; clips {cs.clips.shape[1:]} "

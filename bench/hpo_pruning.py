@@ -9,12 +9,9 @@ Reports wall time, folds trained and the best UF1 of each.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
-from pathlib import Path
 
-from mexp.config import load_config
+from _setup import synthetic_config, workdir
 
 
 def folds_trained(study_run_id: str) -> int:
@@ -32,20 +29,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="")
     ap.add_argument("--trials", type=int, default=12)
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mexp-hpo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    work = workdir(args.workdir, "mexp-hpo-bench-")
     from mexp import extract_features, hpo, train_cnn
-    from mexp.data.synthetic import generate
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs/hpo_lstm.yaml",
-                      [f"data.root={work}/synthetic", f"synth.out={work}/synthetic",
-                       f"data.cache_dir={work}/cache", "output.local=false",
-                       f"hpo.trials={args.trials}"])
-    if not (work / "synthetic").exists():
-        generate(cfg.synth)
+    cfg = synthetic_config("hpo_lstm.yaml", work,
+                           ["output.local=false", f"hpo.trials={args.trials}"])
     cfg.cnn_run_id = train_cnn.main(cfg)["run_id"]
     extract_features.main(cfg)
     cfg.cnn_run_id = ""

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 
+from _setup import REPO, synthetic_config, synthetic_overrides, workdir
 from mexp.config import load_config
 
 
@@ -38,30 +37,23 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mexp-loso-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    repo = Path(__file__).resolve().parents[1]
+    work = workdir(args.workdir, "mexp-loso-bench-", tracking=False)   # a store per variant
     import mlflow
 
     from mexp import main as pipeline
     from mexp.data.datasets import load_dataset
-    from mexp.data.synthetic import generate
 
     cores = os.cpu_count() or 1
-    base = [f"data.root={work}/synthetic", f"synth.out={work}/synthetic",
-            f"data.cache_dir={work}/cache", f"training.epochs={args.epochs}",
-            "training.cv_method=LOSO", "output.local=false"]
-    cfg = load_config(repo / "configs/demo.yaml", base)
-    if not (work / "synthetic").exists():
-        generate(cfg.synth)
+    extra = [f"training.epochs={args.epochs}", "training.cv_method=LOSO", "output.local=false"]
+    base = synthetic_overrides(work) + extra          # reloaded per variant below
+    cfg = synthetic_config("demo.yaml", work, extra)
     cs = load_dataset(cfg.data)                      # warm the cache for both variants
     print(f"machine: {platform.machine()}, {cores} cores; {len(cs)} clips, "
           f"{cs.table['subject'].nunique()} subjects, LOSO, {args.epochs} epochs per stage")
     rows = {}
     for name, workers in (("serial", 1), (f"{cores} fold workers", cores)):
         mlflow.set_tracking_uri(f"sqlite:///{work / (name.replace(' ', '_') + '.db')}")
-        cfg = load_config(repo / "configs/demo.yaml", base + [f"training.fold_workers={workers}"])
+        cfg = load_config(REPO / "configs/demo.yaml", base + [f"training.fold_workers={workers}"])
         t0 = time.perf_counter()
         out = pipeline.main(cfg)
         rows[name] = (time.perf_counter() - t0, stage_seconds(out), out["uf1"])

@@ -9,11 +9,9 @@ train_roi). 5-fold StratifiedGroupKFold over subjects, selection on validation s
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
-from pathlib import Path
 
+from _setup import REPO, synthetic_config, synthetic_overrides, workdir
 from mexp.config import load_config
 
 
@@ -22,19 +20,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="")
     ap.add_argument("--epochs", type=int, default=15)
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mexp-families-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    work = workdir(args.workdir, "mexp-families-")
     from mexp import extract_features, extract_flow, train_cnn, train_cnn_lstm, train_lstm, train_roi
-    from mexp.data.synthetic import generate
 
-    repo = Path(__file__).resolve().parents[1]
-    base = [f"data.root={work}/synthetic", f"synth.out={work}/synthetic",
-            f"data.cache_dir={work}/cache", f"training.epochs={args.epochs}", "output.local=false"]
-    cfg = load_config(repo / "configs/demo.yaml", base)
-    if not (work / "synthetic").exists():
-        generate(cfg.synth)
+    extra = [f"training.epochs={args.epochs}", "output.local=false"]
+    base = synthetic_overrides(work) + extra          # for the other configs below
+    cfg = synthetic_config("demo.yaml", work, extra)
     rows = []
 
     def timed(name, fn):
@@ -50,9 +41,9 @@ def main() -> None:
     cfg.features_run_id = f["run_id"]
     lstm = train_lstm.main(cfg)
     rows.append(("CNN -> LSTM (two-stage)", lstm, rows[0][2] + time.perf_counter() - t0))
-    ccfg = load_config(repo / "configs/cnn_lstm.yaml", base)
+    ccfg = load_config(REPO / "configs/cnn_lstm.yaml", base)
     timed("CNN-LSTM end to end", lambda: train_cnn_lstm.main(ccfg))
-    rcfg = load_config(repo / "configs/roi.yaml", base + ["training.epochs=60"])
+    rcfg = load_config(REPO / "configs/roi.yaml", base + ["training.epochs=60"])
     t0 = time.perf_counter()
     extract_flow.main(rcfg)
     t_flow = time.perf_counter() - t0

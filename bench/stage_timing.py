@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mexp.config import load_config
+from _setup import synthetic_config, workdir
 
 
 def timed(fn):
@@ -31,23 +31,15 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mexp-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    work = workdir(args.workdir, "mexp-bench-")
 
     from mexp import extract_features, train_cnn, train_lstm
     from mexp.data.datasets import load_dataset
-    from mexp.data.synthetic import generate
     from mexp.tracking import configure
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = load_config(repo / "configs/demo.yaml",
-                      [f"data.root={work}/synthetic", f"synth.out={work}/synthetic",
-                       f"data.cache_dir={work}/cache", f"training.epochs={args.epochs}",
-                       f"training.cv_folds={args.folds}", "output.local=false"])
-    if not (work / "synthetic").exists():
-        generate(cfg.synth)
+    cfg = synthetic_config("demo.yaml", work, [f"training.epochs={args.epochs}",
+                                               f"training.cv_folds={args.folds}",
+                                               "output.local=false"])
     shutil.rmtree(work / "cache", ignore_errors=True)
     t_cold, cs = timed(lambda: load_dataset(cfg.data))
     t_warm, _ = timed(lambda: load_dataset(cfg.data))

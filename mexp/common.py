@@ -129,7 +129,7 @@ def seed_ensemble(run_ids: list[str]) -> dict:
     import pandas as pd
 
     from mexp import plots
-    from mexp.metrics import breakdown, confusion, scores
+    from mexp.evaluate import expected_metrics, recompute
 
     with tempfile.TemporaryDirectory() as d:
         preds = [pd.read_csv(download(r, "predictions.csv", Path(d) / r)).sort_values("sample_id")
@@ -140,26 +140,21 @@ def seed_ensemble(run_ids: list[str]) -> dict:
             raise FoldPlanError(f"repeat run {r} predicted other samples than {run_ids[0]}")
     cols = [c for c in base.columns if c.startswith("prob_")]
     probs = np.mean([p[cols].to_numpy(float) for p in preds], axis=0)
-    y, pred = base["label"].to_numpy(int), probs.argmax(1)
-    k = len(cols)
-    s = scores(y, pred, k)
-    per_db = breakdown(y, pred, base["dataset"], k) if base["dataset"].nunique() > 1 else {}
-    metrics = {f"ensemble/{m}": v for m, v in s.items() if m != "n"}
-    metrics |= {f"ensemble/{db}/{m}": v for db, d in per_db.items() for m, v in d.items()
-                if m != "n"}
-    mlflow.log_metrics(metrics)
-    classes = [c.removeprefix("prob_") for c in cols]
-    cm = confusion(y, pred, k)
-    mlflow.log_figure(plots.confusion_figure(cm, classes, f"ensemble of {len(run_ids)} seeds"),
-                      "ensemble_confusion_matrix.png")
-    out = base[["sample_id", "dataset", "subject", "label"]].assign(pred=pred)
+    out = base[["sample_id", "dataset", "subject", "label"]].assign(pred=probs.argmax(1))
     for c, v in zip(cols, probs.T):
         out[c] = v
+    classes = [c.removeprefix("prob_") for c in cols]
+    report = recompute(out, classes)          # the same code `mexp.evaluate` checks it with
+    mlflow.log_metrics(expected_metrics(report, "ensemble"))
+    mlflow.log_figure(plots.confusion_figure(np.array(report["confusion"]), classes,
+                                             f"ensemble of {len(run_ids)} seeds"),
+                      "ensemble_confusion_matrix.png")
     with tempfile.TemporaryDirectory() as d:
         out.to_csv(Path(d) / "ensemble_predictions.csv", index=False)
         mlflow.log_artifact(str(Path(d) / "ensemble_predictions.csv"))
-    return {**{m: s[m] for m in ("uf1", "uar", "accuracy")}, "per_database": per_db,
-            "members": len(run_ids)}
+    s = report["pooled"]
+    return {**{m: s[m] for m in ("uf1", "uar", "accuracy")},
+            "per_database": report["per_database"], "members": len(run_ids)}
 
 
 def fold_workers(cfg: Config) -> int:
