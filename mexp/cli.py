@@ -1,14 +1,21 @@
-"""The command-line shell every stage shares: `--config FILE` plus dotted `key=value` overrides."""
+"""The command-line shell every stage shares: `--config FILE` plus dotted `key=value` overrides,
+errors as one clear line (exit 2), credentials masked in everything printed."""
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
+import traceback
 from typing import Callable
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
 from mexp.config import Config, ConfigError, load_config
-from mexp.tracking import TrackingError
+from mexp.secrets import install_log_filter, redact, redacted_output
+from mexp.tracking import TrackingError, tracking_uri
 
 
 def parse(argv: list[str] | None, description: str, base: dict | None = None) -> Config:
@@ -35,12 +42,74 @@ def parse(argv: list[str] | None, description: str, base: dict | None = None) ->
 
 def run(main: Callable[[Config], dict], description: str, base: dict | None = None,
         argv: list[str] | None = None) -> None:
-    """Parse, call `main(cfg)`; a configuration or input error exits 2 with one clear line."""
+    """Parse, call `main(cfg)`. A configuration or input error, or a tracking server that
+    cannot be reached or is lost mid-run, exits 2 with one clear line; any other error exits
+    1 with its traceback. Nothing printed or logged carries a credential (mexp.secrets)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    install_log_filter()
+    cfg = None
+    with redacted_output():
+        try:
+            cfg = parse(argv, description, base)
+            main(cfg)
+        except (ConfigError, ValueError, FileNotFoundError, TrackingError) as e:
+            _exit(e)
+        except Exception as e:
+            lost = server_lost(e, tracking_uri(cfg) if cfg is not None else mlflow.get_tracking_uri())
+            if lost is None:
+                sys.stderr.write(redact(traceback.format_exc()))
+                sys.exit(1)
+            _exit(lost)
+
+
+def _exit(e: Exception) -> None:
+    logging.getLogger("mexp").error("%s: %s", type(e).__name__, redact(str(e)))
+    sys.exit(2)
+
+
+def _talks_to_server(e: BaseException) -> bool:
+    """A failed request to the tracking server: refused, reset, timed out, or MLflow's
+    "API request to <url> failed" after its retries (HTTP 5xx included)."""
+    import requests
+    import urllib3
+    if isinstance(e, (requests.RequestException, urllib3.exceptions.HTTPError)):
+        return True
+    return isinstance(e, MlflowException) and str(e.message).startswith("API request to ")
+
+
+def server_lost(e: BaseException, uri: str) -> TrackingError | None:
+    """A TrackingError naming the server (credentials masked) and the run to resume, if `e`
+    (or an exception it was raised from, or while handling) is a request to the tracking
+    server that failed; None for any other error."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen and not _talks_to_server(x):
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    if x is None or id(x) in seen:
+        return None
+    root = x                                    # the first cause: "Connection refused"
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    call = re.search(r"API request to \S*?(/api/\S+)", str(x))
+    why = (str(root).strip().splitlines() or [type(root).__name__])[0][:200]
+    msg = f"lost the tracking server {uri} during the run ({call.group(1) if call else 'request'}: {why})"
+    rid = _last_run_id()
+    if rid:
+        msg += (f". Run {rid} is left unfinished there; once the server is back, continue it "
+                f"with resume_run_id={rid} (folds already logged are kept)")
+    return TrackingError(redact(msg))
+
+
+def _last_run_id() -> str:
+    """The run MLflow ended last in this process (a failed stage ends its run on the way
+    out, even when telling the server fails), or the one still active."""
+    run = mlflow.active_run()
+    if run is not None:
+        return run.info.run_id
     try:
-        cfg = parse(argv, description, base)
-        main(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, TrackingError) as e:
-        logging.getLogger("mexp").error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
+        from mlflow.tracking.fluent import _last_active_run_id
+        return _last_active_run_id.get() or ""
+    except (ImportError, AttributeError):
+        return ""

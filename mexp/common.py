@@ -12,7 +12,8 @@ import torch
 
 from mexp.config import Config
 from mexp.cv import FoldPlan, FoldPlanError, check_plan, make_plan
-from mexp.tracking import T, download
+from mexp.secrets import redact
+from mexp.tracking import T, ResumeError, download, upstream_note
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ def log_plan(plan: FoldPlan, sample_ids) -> None:
     run = mlflow.active_run()
     have = run.data.tags.get(T + "fold_plan_digest") if run else None
     if have and have != plan.digest:
-        raise FoldPlanError(f"run {run.info.run_id} was started with fold plan {have}, "
-                            f"not {plan.digest}: resume it with the same config")
+        raise ResumeError(f"cannot resume run {run.info.run_id}: it was started with fold plan "
+                          f"{have}, not {plan.digest}; resume it with the same config and data")
     mlflow.set_tag(T + "fold_plan_digest", plan.digest)
     mlflow.set_tag(T + "cv_method", plan.method)
     mlflow.log_text(plan.to_json(), "fold_plan.json")
@@ -52,6 +53,11 @@ def fetch_plan(run_id: str) -> FoldPlan:
 
 def log_dataset(table, digest: str, name: str) -> None:
     """The dataset as an MLflow input (name, digest, size) plus its digest as a tag."""
+    run = mlflow.active_run()
+    have = run.data.tags.get(T + "data_digest") if run else None
+    if have and have != digest:
+        raise ResumeError(f"cannot resume run {run.info.run_id}: it was started on data {have}, "
+                          f"but the data now load as {digest} (frames or sheet changed)")
     cols = [c for c in ("sample_id", "dataset", "subject", "label") if c in table.columns]
     with warnings.catch_warnings():  # MLflow's schema hint about integer columns is noise here
         warnings.simplefilter("ignore", UserWarning)
@@ -62,6 +68,11 @@ def log_dataset(table, digest: str, name: str) -> None:
     mlflow.set_tag(T + "annotation_fixes", len(fixes))
     if fixes:
         mlflow.log_dict(fixes, "annotation_fixes.json")
+    mismatch = table.attrs.get("gt_mismatch")
+    if mismatch:                        # data.accept_gt_mismatch: the differences, on the run
+        mlflow.set_tag(T + "gt_mismatch", len(mismatch) if hasattr(mismatch, "__len__") else 1)
+        mlflow.log_dict(mismatch if isinstance(mismatch, (dict, list)) else str(mismatch),
+                        "gt_mismatch.json")
 
 
 def out_dir(cfg: Config) -> Path | None:
@@ -70,11 +81,13 @@ def out_dir(cfg: Config) -> Path | None:
 
 def summary_line(stage: str, s: dict, run_id: str, extra: str = "") -> str:
     uri = mlflow.get_tracking_uri()
+    if upstream_note():
+        extra += f"; input: {upstream_note()}"
     if s.get("oracle"):
         extra += " -- ORACLE: epochs chosen on the test subjects, not an honest estimate"
     line = (f"{stage}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  accuracy {s['accuracy']:.4f} "
             f"over {s['folds']} folds ({s['n']} clips); run {run_id}{extra}; "
-            f"see it with: mlflow ui --backend-store-uri {uri}")
+            f"see it with: mlflow ui --backend-store-uri {redact(uri)}")
     return line
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,17 @@ class ConfigError(ValueError):
     """A configuration file, key or value is invalid."""
 
 
+def _neutral(default):
+    """A field that cannot change what a stage computes (where things go, how many
+    processes share the work): it may differ when a run is resumed or an upstream run reused."""
+    return field(default=default, metadata={"neutral": True})
+
+
+def _plan(default):
+    """A field that shapes the fold plan: an upstream run must agree on it."""
+    return field(default=default, metadata={"plan": True})
+
+
 @dataclass
 class DataConfig:
     dataset: str = "casme2"          # casme2 | samm | smic | casme3 | megc2019_flow28
@@ -32,11 +44,14 @@ class DataConfig:
     sequence_length: int = 16
     color: str = "gray"              # gray | rgb
     augmentation: bool = False
-    features_dir: str = ""           # stage 2 without lineage: a local features folder
-    cache_dir: str = ".cache/mexp"
+    features_dir: str = _neutral("")   # stage 2 without lineage: a local features folder
+    cache_dir: str = _neutral(".cache/mexp")
     skip_bad_clips: bool = False
     frames: str = "apex"             # stage-1 training frames: apex | all
     input: str = "raw"               # raw frames, or diff: each frame minus the onset frame
+    columns: dict = field(default_factory=dict)      # headerless sheet: column name -> index
+    label_codes: dict = field(default_factory=dict)  # numeric class code -> emotion name
+    accept_gt_mismatch: bool = False  # MEGC2019 composite may differ from the official ground truth
 
 
 @dataclass
@@ -60,17 +75,17 @@ class TrainingConfig:
     lr: float = 1e-3
     optimizer: str = "adam"          # adam | adamw | sgd
     weight_decay: float = 0.0
-    cv_folds: int = 5
-    cv_method: str = "StratifiedGroupKFold"   # StratifiedGroupKFold | LOSO | LODO | holdout
-    holdout_test: str = ""           # holdout: the database tested on
-    holdout_train: str = ""          # holdout: databases trained on, comma-separated; empty: the rest
-    val_fraction: float = 0.2        # share of training subjects held out for model selection
+    cv_folds: int = _plan(5)
+    cv_method: str = _plan("StratifiedGroupKFold")   # StratifiedGroupKFold | LOSO | LODO | holdout
+    holdout_test: str = _plan("")    # holdout: the database tested on
+    holdout_train: str = _plan("")   # holdout: databases trained on, comma-separated; empty: the rest
+    val_fraction: float = _plan(0.2)  # share of training subjects held out for model selection
     early_stopping: int = 0          # patience in epochs on the validation split; 0: final epoch
     class_weighted: bool = False
     seed: int = 42
     device: str = "auto"             # auto | cpu | cuda
-    num_threads: int = 0             # torch threads; 0: leave torch's default
-    fold_workers: int = 1            # folds trained at once in processes; 0: one per core
+    num_threads: int = _neutral(0)   # torch threads; 0: leave torch's default
+    fold_workers: int = _neutral(1)  # folds trained at once in processes; 0: one per core
 
 
 @dataclass
@@ -107,22 +122,22 @@ class FlowConfig:
     face: str = "full"               # full: frames are face crops | haar: OpenCV face detector
     no_face: str = "error"           # error | skip, when the detector finds no face
     compensate: bool = True          # remove head motion (similarity fit outside the ROIs)
-    workers: int = 0                 # processes; 0: one per CPU core
+    workers: int = _neutral(0)       # processes; 0: one per CPU core
 
 
 @dataclass
 class HPOConfig:
     stage: str = "train_lstm"        # train_lstm | train_cnn_lstm | train_roi | train_cnn
     space: dict = field(default_factory=dict)  # dotted key -> {type, low, high, log | choices}
-    trials: int = 20
-    timeout: float = 0.0             # seconds; 0: no limit
+    trials: int = _neutral(20)       # complete-or-pruned trials the study ends with
+    timeout: float = _neutral(0.0)   # seconds; 0: no limit
     sampler: str = "tpe"             # tpe | random
     pruner: str = "median"           # median | hyperband | none
     metric: str = "uf1"              # uf1 | uar | accuracy (pooled over the folds)
     direction: str = "maximize"
     study_name: str = ""             # empty: derived from the stage and config digest
     storage: str = ""                # Optuna RDB URL; empty: sqlite file beside the tracking store
-    n_workers: int = 1               # worker processes on the same study
+    n_workers: int = _neutral(1)     # worker processes on the same study
     seed: int = 0
 
 
@@ -160,8 +175,8 @@ class Config:
     cnn_run_id: str = ""
     features_run_id: str = ""
     flow_run_id: str = ""
-    resume_run_id: str = ""
-    force: bool = False              # main: recompute stages even when a matching run exists
+    resume_run_id: str = _neutral("")
+    force: bool = _neutral(False)    # main: recompute stages even when a matching run exists
     repeats: int = 1                 # run the whole cross-validation with seeds s, s+1, ...
 
     def to_dict(self) -> dict:
@@ -177,6 +192,56 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, as logged to MLflow params."""
         return flatten(self.to_dict())
+
+
+NEUTRAL_SECTIONS = ("output", "tracking")   # where results go and how the store is reached
+
+
+def _marked(mark: str) -> set[str]:
+    """Dotted keys whose dataclass field carries `mark` in its metadata (`neutral`
+    also takes every key of NEUTRAL_SECTIONS)."""
+    out: set[str] = set()
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            out |= {f.name} if f.metadata.get(mark) else set()
+            continue
+        for g in dataclasses.fields(hints[f.name]):
+            if g.metadata.get(mark) or (mark == "neutral" and f.name in NEUTRAL_SECTIONS):
+                out.add(f"{f.name}.{g.name}")
+    return out
+
+
+def is_neutral(key: str) -> bool:
+    """True for a key that cannot change results: `output.*`, `tracking.*` and the fields
+    marked neutral (worker counts, cache folders, the HPO budget, resume_run_id, force).
+    These alone may differ when a run is resumed; this is the one list of them."""
+    return key.split(".", 1)[0] in NEUTRAL_SECTIONS or key in _marked("neutral")
+
+
+def upstream_keys(cfg: "Config", sections: tuple[str, ...] = ()) -> list[str]:
+    """Keys an upstream run must share with `cfg` to feed it: every `data.*` key (image size,
+    sequence length, input mode, frames, label map...), the fold-plan keys, and every key of
+    `sections` (e.g. `flow` for extract_flow), minus the neutral ones. Derived from the
+    schema, so a new data field takes part without editing a list."""
+    keys = [k for k in cfg.flat() if k.split(".", 1)[0] in ("data", *sections)]
+    keys += sorted(_marked("plan"))
+    return [k for k in keys if not is_neutral(k)]
+
+
+def differences(want: dict, have: dict, keys=None) -> list[tuple[str, Any, Any]]:
+    """(key, wanted, found) for every key whose values differ, compared as strings (MLflow
+    params are strings); `keys=None` compares the union minus neutral keys. A key missing
+    on one side counts as its default (configs logged by older versions lack new keys)."""
+    default = Config().flat()
+    if keys is None:
+        keys = sorted(k for k in set(want) | set(have) if not is_neutral(k))
+    out = []
+    for k in keys:
+        a, b = want.get(k, default.get(k, "")), have.get(k, default.get(k, ""))
+        if str(a) != str(b):
+            out.append((k, a, b))
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -309,7 +374,7 @@ _CHOICES = {
     "data.input": ("raw", "diff"),
     "stage1.scope": ("per_fold", "all_subjects"),
     "flow.method": ("tvl1", "farneback", "dis"),
-    "flow.face": ("full", "haar"),
+    "flow.face": ("full", "haar", "landmarks"),
     "flow.no_face": ("error", "skip"),
     "hpo.stage": ("train_lstm", "train_cnn_lstm", "train_roi", "train_cnn"),
     "hpo.sampler": ("tpe", "random"),
@@ -323,20 +388,44 @@ _CHOICES = {
 }
 
 
+def _check_numbers(flat: dict) -> None:
+    for key, v in flat.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
+    positive = ["data.image_size", "data.sequence_length", "model.num_classes",
+                "model.input_channels", "training.batch_size", "synth.subjects",
+                "synth.clips", "synth.frames", "synth.image_size", "training.lr", "hpo.trials"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
+    for key in ("training.epochs", "training.weight_decay", "training.early_stopping",
+                "training.num_threads", "training.fold_workers", "flow.workers", "hpo.timeout",
+                "synth.noise", "synth.jitter", "synth.amplitude_jitter", "synth.illumination"):
+        if flat[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
+    if flat["hpo.n_workers"] < 1 or flat["repeats"] < 1:
+        bad = "hpo.n_workers" if flat["hpo.n_workers"] < 1 else "repeats"
+        raise ConfigError(f"config key '{bad}' must be >= 1, got {flat[bad]}")
+
+
+def _check_model(cfg: Config) -> None:
+    if not cfg.model.name:
+        return
+    from mexp.models import list_models     # lazy: config stays importable without torch
+    if cfg.model.name not in list_models():
+        raise ConfigError(f"config key 'model.name': unknown model {cfg.model.name!r}; "
+                          f"known models: {', '.join(list_models())}")
+
+
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that types alone cannot express: everything the config alone can tell,
+    before any run, store or data is touched."""
     flat = cfg.flat()
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of {list(allowed)}")
-    positive = ["data.image_size", "data.sequence_length", "model.num_classes",
-                "model.input_channels", "training.batch_size", "synth.subjects",
-                "synth.clips", "synth.frames", "synth.image_size"]
-    for key in positive:
-        if flat[key] <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
-    if flat["training.epochs"] < 0 or flat["training.lr"] <= 0:
-        raise ConfigError("config keys 'training.epochs' must be >= 0 and 'training.lr' > 0")
+    _check_numbers(flat)
+    _check_model(cfg)
     if not 0.0 <= flat["training.val_fraction"] < 1.0:
         raise ConfigError("config key 'training.val_fraction' must be in [0, 1)")
     if not 0.0 <= flat["model.dropout"] < 1.0:

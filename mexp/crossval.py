@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mexp import plots
 from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
+from mexp.data.paths import safe_name
 from mexp.fold_pool import fold_outputs
 from mexp.engine import FitResult, fit, predict_proba, resolve_device, set_seed
 from mexp.metrics import breakdown, confusion, scores
@@ -96,11 +97,11 @@ def _completed(run_id: str) -> dict[str, dict]:
 
 
 def _kill_stale_fold_runs(parent_id: str) -> None:
-    client = MlflowClient()
-    exp = client.get_run(parent_id).info.experiment_id
-    for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}' and "
-                                       "attributes.status = 'RUNNING'"):
-        client.set_terminated(r.info.run_id, "KILLED")
+    """Fold runs (and anything under them) left RUNNING by a killed process become KILLED."""
+    from mexp.tracking import terminate_children
+    n = terminate_children(parent_id)
+    if n:
+        log.info("marked %d stale run(s) under %s KILLED", n, parent_id)
 
 
 class FoldLogger:
@@ -148,7 +149,7 @@ class FoldLogger:
             c.log_artifacts(rid, d)
         c.set_terminated(rid, "FINISHED")
         if self.out_dir is not None:
-            fd = self.out_dir / f"fold_{fold.name}"
+            fd = self.out_dir / f"fold_{safe_name(fold.name)}"   # casme2/sub01: one folder
             fd.mkdir(parents=True, exist_ok=True)
             torch.save(out.fit.state, fd / "best_model.pth")
             pd.DataFrame(out.fit.history).to_csv(fd / "training_log.csv", index=False)
@@ -179,7 +180,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     done = _completed(parent)
     if done:
         log.info("resuming: %d of %d folds already complete", len(done), len(plan.folds))
-        _kill_stale_fold_runs(parent)
+    _kill_stale_fold_runs(parent)          # a resumed run's in-flight folds died with it
     label_of = dict(zip(table["sample_id"], table["label"].astype(int)))
     subject_of = dict(zip(table["sample_id"], table["subject"]))
     results: dict[str, dict] = dict(done)

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -19,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mexp import __version__
-from mexp.config import Config
+from mexp.config import Config, differences, flatten, upstream_keys
+from mexp.secrets import install_log_filter, redact, redact_tree, redact_value
 
 log = logging.getLogger(__name__)
 T = "mexp."  # tag prefix
@@ -34,15 +36,23 @@ class LineageError(TrackingError):
     """A parent run of the wrong stage, unfinished, or with a different fold plan or data."""
 
 
+class ResumeError(LineageError):
+    """A run cannot be resumed with this config, data or fold plan: results would mix."""
+
+
 def tracking_uri(cfg: Config) -> str:
     return (cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{Path('mlflow.db').resolve()}")
 
 
 def configure(cfg: Config) -> str:
-    """Point MLflow at the tracking store and experiment; fail fast naming the URI."""
+    """Point MLflow at the tracking store and experiment; fail fast naming the URI.
+    MLflow gets the real URI; what mexp logs or prints of it has credentials masked."""
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
+    install_log_filter()                        # log records of this process are redacted
+    if redact(uri) != uri:                      # MLflow's "View run at <url>" would print it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         if os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
             # launched by `mlflow run`: the run (and so the experiment) is already chosen
@@ -51,10 +61,11 @@ def configure(cfg: Config) -> str:
             return mlflow.active_run().info.experiment_id
         return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
     except MlflowException as e:
-        raise TrackingError(f"cannot use tracking server {uri}: {str(e).splitlines()[0]}") from None
+        raise TrackingError(redact(f"cannot use tracking server {uri}: "
+                                   f"{str(e).splitlines()[0]}")) from None
     except Exception as e:  # connection errors surface as several request exception types
-        raise TrackingError(f"cannot reach tracking server {uri}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:300]}") from None
+        raise TrackingError(redact(f"cannot reach tracking server {uri}: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:300]}")) from None
 
 
 @lru_cache(maxsize=1)
@@ -86,15 +97,16 @@ def data_identity(cfg: Config) -> str:
 
 def log_config(cfg: Config, run_id: str) -> None:
     """config.yaml artifact and flattened params, skipping keys the run already holds
-    (`mlflow run` logs its -P values first, and re-logging a param with a new value raises)."""
+    (`mlflow run` logs its -P values first, and re-logging a param with a new value raises).
+    Both have credentials masked (tracking.uri, hpo.storage...); the digests use the real config."""
     client = MlflowClient()
     have = client.get_run(run_id).data.params
-    params = {k: str(v)[:6000] for k, v in cfg.flat().items() if k not in have}
+    params = {k: redact_value(k, str(v))[:6000] for k, v in cfg.flat().items() if k not in have}
     items = list(params.items())
     from mlflow.entities import Param
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-    mlflow.log_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+    mlflow.log_text(yaml.safe_dump(redact_tree(cfg.to_dict()), sort_keys=False), "config.yaml")
 
 
 _ATTACH: ContextVar[bool] = ContextVar("mexp_attach_stage", default=False)
@@ -115,7 +127,7 @@ def _log_stage(cfg: Config, stage: str, run_id: str, tags: dict | None) -> None:
     base = {T + "stage": stage, T + "config_digest": cfg.digest(),
             T + "data_config": data_identity(cfg), T + "git_commit": git_commit(),
             T + "code_digest": code_digest(), T + "version": __version__}
-    mlflow.set_tags({**base, **(tags or {})})
+    mlflow.set_tags({k: redact_value(k, v) for k, v in {**base, **(tags or {})}.items()})
     log_config(cfg, run_id)
 
 
@@ -135,18 +147,75 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict |
             _ATTACH.reset(token)
         return
     if resume_run_id:
-        check_run(resume_run_id, stage, finished=False)
+        prior = check_resume(cfg, check_run(resume_run_id, stage, finished=False), tags)
         run = mlflow.start_run(run_id=resume_run_id)
     else:
+        prior = ""
         run = mlflow.start_run(run_name=run_name or stage, nested=mlflow.active_run() is not None)
     try:
-        _log_stage(cfg, stage, run.info.run_id, tags)
+        if prior:
+            mlflow.set_tag(T + "resumed", "true")   # config, params and tags stay the first run's
+        else:
+            _log_stage(cfg, stage, run.info.run_id, tags)
         yield run
+    except ResumeError:                         # refused: leave the run as it was
+        mlflow.end_run(prior if prior != "RUNNING" else "KILLED")
+        if prior == "RUNNING":
+            MlflowClient().update_run(resume_run_id, status="RUNNING")
+        raise
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     else:
         mlflow.end_run()
+
+
+def logged_config(run) -> dict:
+    """The flat config a run was started with (its config.yaml, else its params)."""
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            text = Path(mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="config.yaml", dst_path=d)).read_text()
+        return flatten(yaml.safe_load(text) or {})
+    except (MlflowException, OSError):
+        return dict(run.data.params)
+
+
+_LINEAGE_TAGS = ("parent_run_id", "cnn_run_id", "features_run_id", "flow_run_id")
+
+
+def check_resume(cfg: Config, run, tags: dict | None) -> str:
+    """Refuse to resume `run` unless only result-neutral keys (config.is_neutral) differ and
+    it reads the same upstream run; return the run's status before the resume."""
+    want = {k: redact_value(k, v) for k, v in cfg.flat().items()}
+    have = {k: redact_value(k, v) for k, v in logged_config(run).items()}
+    diffs = [f"{k} (run: {b!r}, now: {a!r})" for k, a, b in differences(want, have)]
+    for name in _LINEAGE_TAGS:
+        a, b = (tags or {}).get(T + name), run.data.tags.get(T + name)
+        if a is not None and b is not None and a != b:
+            diffs.append(f"upstream {name} (run: {b}, now: {a})")
+    if diffs:
+        raise ResumeError(
+            f"cannot resume run {run.info.run_id}: it was started with another config; "
+            f"differs in {'; '.join(diffs)}. Only result-neutral keys may differ on resume "
+            f"(output.*, tracking.*, worker counts, cache folders, the HPO budget): resume with "
+            f"the run's own config.yaml, or start a new run")
+    return run.info.status
+
+
+def terminate_children(parent_id: str, status: str = "KILLED") -> int:
+    """Mark every RUNNING run under `parent_id` (recursively) `status`; their process is gone
+    when the parent is being resumed or found dead. Returns how many were terminated."""
+    client = MlflowClient()
+    exp = client.get_run(parent_id).info.experiment_id
+    n = 0
+    for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        n += terminate_children(r.info.run_id, status)
+        if r.info.status == "RUNNING":
+            client.set_terminated(r.info.run_id, status)
+            client.set_tag(r.info.run_id, T + "terminated", "parent found dead")
+            n += 1
+    return n
 
 
 def log_history(run_id: str, history: list[dict], prefix: str = "") -> None:
@@ -183,21 +252,61 @@ def _newest_finished(cfg: Config, stage: str, tag: str, value: str):
     return runs[0] if runs else None
 
 
-def latest_run(stage: str, cfg: Config):
-    """The newest FINISHED run of `stage` in the experiment whose data config matches."""
-    return _newest_finished(cfg, stage, "data_config", data_identity(cfg))
+# Config sections an upstream stage's output depends on beyond data.* and the fold plan.
+UPSTREAM_SECTIONS = {"train_cnn": ("stage1",), "extract_features": ("stage1",),
+                     "extract_flow": ("flow",)}
+_UPSTREAM_NOTE: ContextVar[str] = ContextVar("mexp_upstream_note", default="")
+
+
+def upstream_note() -> str:
+    """Which upstream run the current stage picked by itself, and why ("" if given)."""
+    return _UPSTREAM_NOTE.get()
+
+
+def upstream_used(note: str) -> None:
+    """Record the upstream choice for the stage's summary line."""
+    _UPSTREAM_NOTE.set(note)
+
+
+def match_upstream(cfg: Config, stage: str, limit: int = 200):
+    """(run, note): the newest FINISHED `stage` run in the experiment that agrees with `cfg`
+    on every key shaping its output (config.upstream_keys), or (None, why not) listing the
+    nearest candidates and what differs."""
+    exp = configure(cfg)
+    keys = upstream_keys(cfg, UPSTREAM_SECTIONS.get(stage, ()))
+    runs = MlflowClient().search_runs(
+        [exp], f"tags.`{T}stage` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=limit)
+    want, near = cfg.flat(), []
+    for r in runs:
+        diff = differences(want, r.data.params, keys)
+        if not diff:
+            return r, (f"{stage} run {r.info.run_id} picked automatically: the newest FINISHED one "
+                       f"whose {len(keys)} input keys (data.*, fold plan"
+                       + "".join(f", {x}.*" for x in UPSTREAM_SECTIONS.get(stage, ())) + ") match")
+        near.append((len(diff), r.info.run_id, diff))
+    if not near:
+        return None, f"no FINISHED '{stage}' run in experiment '{cfg.tracking.experiment}'"
+    near.sort(key=lambda t: t[0])
+    lines = "; ".join(f"{rid} differs in " + ", ".join(f"{k} (run: {b}, now: {a})"
+                                                      for k, a, b in d[:4])
+                      + (f" and {len(d) - 4} more" if len(d) > 4 else "")
+                      for _, rid, d in near[:3])
+    return None, (f"no FINISHED '{stage}' run in experiment '{cfg.tracking.experiment}' matches "
+                  f"this config's input keys; nearest: {lines}")
 
 
 def resolve_parent(cfg: Config, run_id: str, stage: str):
-    """The given run (checked), or the latest matching FINISHED run of `stage`."""
+    """The given run (checked), or the newest FINISHED `stage` run that matches the config
+    on every input key (see match_upstream); the choice is noted for the summary line."""
+    upstream_used("")
     if run_id:
         return check_run(run_id, stage)
-    run = latest_run(stage, cfg)
+    run, note = match_upstream(cfg, stage)
     if run is None:
-        raise LineageError(f"no FINISHED '{stage}' run for this data config in experiment "
-                           f"'{cfg.tracking.experiment}'; run {stage} first or pass its run id")
-    log.info("using the latest FINISHED %s run %s (%s)", stage, run.info.run_id,
-             run.info.run_name)
+        raise LineageError(f"{note}; run {stage} with this config first or pass its run id")
+    log.info("using %s", note)
+    upstream_used(note)
     return run
 
 

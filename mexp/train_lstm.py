@@ -24,7 +24,8 @@ from mexp.cv import Fold, FoldPlan
 from mexp.data.datasets import resolve_path
 from mexp.data.inputs import features_to_tensor
 from mexp.models import create_model
-from mexp.tracking import T, LineageError, check_run, configure, download, latest_run, stage_run
+from mexp.tracking import (T, LineageError, check_run, configure, download, match_upstream,
+                           stage_run, upstream_used)
 
 log = logging.getLogger(__name__)
 STAGE = "train_lstm"
@@ -54,15 +55,17 @@ def resolve_features(cfg: Config, tmp: Path) -> Features:
     if cfg.features_run_id:
         check_run(cfg.features_run_id, "extract_features")
         return Features(download(cfg.features_run_id, "features", tmp), cfg.features_run_id)
-    run = latest_run("extract_features", cfg)
+    run, note = match_upstream(cfg, "extract_features")
     if run is not None:
-        log.info("using the latest FINISHED extract_features run %s", run.info.run_id)
+        log.info("using %s", note)
+        upstream_used(note)
         return Features(download(run.info.run_id, "features", tmp), run.info.run_id)
     if cfg.data.features_dir and resolve_path(cfg.data.features_dir).is_dir():
         log.info("using the local features folder %s", cfg.data.features_dir)
+        upstream_used(f"the local features folder {cfg.data.features_dir}")
         return Features(resolve_path(cfg.data.features_dir))
-    raise LineageError("no features: pass features_run_id, run extract_features first, or set "
-                       "data.features_dir to a folder extract_features wrote")
+    raise LineageError(f"no features: {note}; pass features_run_id, run extract_features with "
+                       "this config first, or set data.features_dir to a folder it wrote")
 
 
 def make_fold_fn(cfg: Config, feats: Features, classes):

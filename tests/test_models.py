@@ -10,6 +10,7 @@ INPUTS = {
     "cnn_lstm": lambda: torch.randn(2, 4, 1, 48, 48),
     "roi_transformer": lambda: torch.randn(2, 16, 14),
     "ststnet": lambda: torch.randn(2, 3, 28, 28),
+    "ststnet_original": lambda: torch.randn(2, 3, 28, 28),
 }
 
 

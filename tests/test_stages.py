@@ -10,7 +10,7 @@ from mexp import extract_features, main as pipeline, train_cnn, train_cnn_lstm, 
 from mexp.crossval import FoldOutput, assert_no_leak
 from mexp.cv import Fold, FoldPlanError
 from mexp.engine import FitResult
-from mexp.tracking import LineageError
+from mexp.tracking import LineageError, ResumeError
 
 
 @pytest.fixture
@@ -168,8 +168,9 @@ def test_resume_with_a_different_fold_plan_is_refused(cfg):
     MlflowClient().set_terminated(first["run_id"], "KILLED")
     cfg.resume_run_id = first["run_id"]
     cfg.training.seed = 8                             # other folds
-    with pytest.raises(FoldPlanError, match="was started with fold plan"):
+    with pytest.raises(ResumeError, match=r"training\.seed \(run: '?7'?, now: 8\)"):
         train_cnn.main(cfg)
+    assert MlflowClient().get_run(first["run_id"]).info.status == "KILLED"
 
 
 def test_same_seed_same_metrics_on_cpu(cfg):

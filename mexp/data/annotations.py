@@ -13,10 +13,11 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import openpyxl
 import pandas as pd
 
 from mexp.data.labels import normalise_emotion
+from mexp.data.paths import PathError, check_component, check_relative
+from mexp.data.sheetio import AnnotationError, Sheet, open_sheet
 
 COLUMNS = ["sample_id", "dataset", "subject", "clip", "onset", "apex", "offset",
            "emotion", "action_units", "frame_dir"]
@@ -26,8 +27,25 @@ DATASETS = ("casme2", "samm", "smic", "casme3", "dfme")
 log = logging.getLogger(__name__)
 
 
-class AnnotationError(ValueError):
-    """A coding sheet is missing, malformed, or holds an impossible row."""
+# dataset -> (worksheet, {field: column name in the sheet}); every column is required
+SHEETS = {
+    "casme2": (None, {"subject": "Subject", "clip": "Filename", "onset": "OnsetFrame",
+                      "apex": "ApexFrame", "offset": "OffsetFrame", "action_units": "Action Units",
+                      "emotion": "Estimated Emotion"}),
+    "samm": ("MICRO_ONLY", {"subject": "Subject", "clip": "Filename", "onset": "Onset Frame",
+                            "apex": "Apex Frame", "offset": "Offset Frame",
+                            "action_units": "Action Units", "emotion": "Estimated Emotion"}),
+    "smic": (None, {"subject": "subject", "clip": "clip", "onset": "onset_frame",
+                    "apex": "apex_frame", "offset": "offset_frame", "emotion": "label"}),
+    "casme3": ("label", {"subject": "Subject", "clip": "Filename", "onset": "Onset",
+                         "apex": "Apex", "offset": "Offset", "action_units": "AU",
+                         "emotion": "emotion"}),
+    "dfme": (None, {"subject": "Subject", "clip": "Filename", "onset": "OnsetFrame",
+                    "apex": "ApexFrame", "offset": "OffsetFrame", "action_units": "AU",
+                    "emotion": "Emotion"}),
+}
+FIELDS = ("subject", "clip", "onset", "apex", "offset", "action_units", "emotion")
+__all__ = ["AnnotationError", "SHEETS", "parse_annotations", "parse_frame"]
 
 
 @lru_cache(maxsize=1)
@@ -56,49 +74,6 @@ def apply_fixes(records: list[dict], dataset: str, sheet) -> list[dict]:
     if applied:
         log.info("%s: applied %d annotation fix(es) from the fix table", Path(sheet).name, len(applied))
     return applied
-
-
-def read_sheet(path: str | Path, sheet: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Header and data rows of an .xlsx (cached formula values) or .csv sheet."""
-    p = Path(path)
-    if not p.is_file():
-        raise AnnotationError(f"coding sheet not found: {p}")
-    if p.suffix.lower() == ".csv":
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
-        return list(df.columns), [tuple(r) for r in df.itertuples(index=False)]
-    try:
-        wb = openpyxl.load_workbook(p, read_only=True, data_only=True)
-    except Exception as e:  # openpyxl raises several unrelated types for a bad file
-        raise AnnotationError(f"cannot read coding sheet {p}: {e}") from None
-    try:
-        if sheet is not None and sheet not in wb.sheetnames:
-            raise AnnotationError(f"{p} has no sheet '{sheet}'; sheets: {wb.sheetnames}")
-        ws = wb[sheet] if sheet else wb.worksheets[0]
-        rows = [r for r in ws.iter_rows(values_only=True) if any(v is not None for v in r)]
-    finally:
-        wb.close()
-    if not rows:
-        raise AnnotationError(f"coding sheet {p} is empty")
-    header = [str(h).strip() if h is not None else "" for h in rows[0]]
-    return header, rows[1:]
-
-
-class _Rows:
-    """Column access by header name, with errors that name the file, row and column."""
-
-    def __init__(self, path, header, required):
-        self.path, self.header = Path(path), header
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise AnnotationError(f"{self.path}: missing column(s) {missing}; found {header}")
-        self.idx = {h: i for i, h in enumerate(header)}
-
-    def get(self, row, col):
-        i = self.idx.get(col)
-        return row[i] if i is not None and i < len(row) else None
-
-    def where(self, n: int, col: str = "") -> str:
-        return f"{self.path.name} row {n + 2}" + (f", column '{col}'" if col else "")
 
 
 def parse_frame(value, where: str) -> int | None:
@@ -145,69 +120,93 @@ def _table(records: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame.from_records([{k: r[k] for k in COLUMNS} for r in records], columns=COLUMNS)
     for c in ("onset", "apex", "offset"):
         df[c] = df[c].astype("Int64")
-    dup = df["sample_id"][df["sample_id"].duplicated()]
-    if len(dup):
-        raise AnnotationError(f"duplicate clips in the coding sheet: {sorted(set(dup))[:5]}")
+    dup = sorted(set(df["sample_id"][df["sample_id"].duplicated()]))
+    if dup:
+        at = {s: [r["_where"] for r in records if r["sample_id"] == s] for s in dup[:5]}
+        raise AnnotationError("duplicate clips in the coding sheet: "
+                              + "; ".join(f"{s} at {', '.join(w)}" for s, w in at.items()))
     return df
 
 
-def _build(path, header, rows, cols: dict, make_ids, strict: bool,
-           emotion_of=lambda v: v) -> pd.DataFrame:
-    """Shared row loop: `cols` maps our field -> sheet column; `make_ids` gives ids and folder."""
-    r = _Rows(path, header, [c for c in cols.values() if c])
-    records = []
-    for n, row in enumerate(rows):
-        raw = {k: r.get(row, c) for k, c in cols.items()}
-        if raw["subject"] is None and raw["clip"] is None:
-            continue
-        rec = {k: parse_frame(raw[k], r.where(n, cols[k])) for k in ("onset", "apex", "offset")}
-        raw["emotion"] = normalise_emotion(emotion_of(raw["emotion"]), r.where(n, cols["emotion"]))
-        rec["emotion"] = raw["emotion"]
-        rec["action_units"] = _au(raw.get("action_units"))
-        rec.update(make_ids(raw, rec))
-        rec.setdefault("sample_id", f"{rec['subject']}_{rec['clip']}")
-        rec["_row"] = n
-        records.append(rec)
+def _ids(make_ids, raw: dict, rec: dict, sheet: Sheet, rownum: int) -> dict:
+    """The parser's ids and folder for a row; every part of the folder must be a plain name,
+    so no sheet value leads outside the data root."""
+    try:
+        ids = make_ids(raw, rec)
+    except AnnotationError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise AnnotationError(f"{sheet.where(rownum, 'subject')}: cannot read subject "
+                              f"{raw['subject']!r} / clip {raw['clip']!r}: {e}") from None
+    try:
+        check_component(ids["subject"], sheet.where(rownum, "subject"), "subject")
+        check_component(ids["clip"], sheet.where(rownum, "clip"), "clip")
+        check_relative(ids["frame_dir"], sheet.where(rownum), "clip folder")
+    except PathError as e:
+        raise AnnotationError(str(e)) from None
+    return ids
+
+
+def _record(sheet: Sheet, rownum: int, cells: list, make_ids, emotion_of) -> dict | None:
+    """One sheet row -> a sample record (None for a row without subject and clip)."""
+    raw = {f: sheet.get(cells, f, rownum) for f in FIELDS}
+    if raw["subject"] is None and raw["clip"] is None:
+        return None
+    rec = {k: parse_frame(raw[k], sheet.where(rownum, k)) for k in ("onset", "apex", "offset")}
+    raw["emotion"] = normalise_emotion(emotion_of(raw["emotion"]), sheet.where(rownum, "emotion"))
+    rec["emotion"] = raw["emotion"]
+    rec["action_units"] = _au(raw["action_units"])
+    rec.update(_ids(make_ids, raw, rec, sheet, rownum))
+    rec.setdefault("sample_id", f"{rec['subject']}_{rec['clip']}")
+    rec["_where"] = sheet.where(rownum)
+    return rec
+
+
+def _build(sheet: Sheet, make_ids, strict: bool, emotion_of=None, fixes: bool = True) -> pd.DataFrame:
+    """Shared row loop; `make_ids` gives each row's dataset, subject, clip and folder.
+    The table's attrs hold the fixes applied and, per sample id, its sheet row ('rows')."""
+    emotion_of = emotion_of or (lambda v: v)
+    records = [r for n, cells in sheet.rows
+               if (r := _record(sheet, n, cells, make_ids, emotion_of)) is not None]
     if not records:
-        raise AnnotationError(f"coding sheet {path} has no clips")
-    fixes = apply_fixes(records, records[0]["dataset"], path)
+        raise AnnotationError(f"coding sheet {sheet.path} has no clips")
+    applied = apply_fixes(records, records[0]["dataset"], sheet.path) if fixes else []
     if strict:
         for rec in records:
-            _check_order(rec, r.where(rec["_row"]))
+            _check_order(rec, rec["_where"])
     table = _table(records)
-    table.attrs["annotation_fixes"] = fixes
+    table.attrs["annotation_fixes"] = applied
+    table.attrs["rows"] = {r["sample_id"]: r["_where"] for r in records}
     return table
 
 
-def parse_casme2(path, strict: bool = True) -> pd.DataFrame:
-    """CASME II 2014 sheet: Subject '01' -> folder sub01/EP02_01f."""
-    header, rows = read_sheet(path)
-    cols = {"subject": "Subject", "clip": "Filename", "onset": "OnsetFrame",
-            "apex": "ApexFrame", "offset": "OffsetFrame", "action_units": "Action Units",
-            "emotion": "Estimated Emotion"}
+def _parse(dataset: str, path, make_ids, strict: bool, opts: dict, emotion_of=None):
+    """Open the dataset's sheet (`opts`: columns, label_codes, fixes) and build its table."""
+    fixes = opts.pop("fixes", True)
+    worksheet, names = SHEETS[dataset]
+    sheet = open_sheet(path, names, worksheet, opts.get("columns"), opts.get("label_codes"))
+    return _build(sheet, make_ids, strict, emotion_of, fixes)
 
+
+def parse_casme2(path, strict: bool = True, **opts) -> pd.DataFrame:
+    """CASME II 2014 sheet: Subject '01' -> folder sub01/EP02_01f."""
     def ids(raw, rec):
         s = str(raw["subject"]).strip()
         subject = s if s.startswith("sub") else f"sub{int(float(s)):02d}"
         clip = str(raw["clip"]).strip()
         return {"dataset": "casme2", "subject": subject, "clip": clip,
                 "frame_dir": f"{subject}/{clip}"}
-    return _build(path, header, rows, cols, ids, strict)
+    return _parse("casme2", path, ids, strict, opts)
 
 
-def parse_samm(path, strict: bool = True) -> pd.DataFrame:
+def parse_samm(path, strict: bool = True, **opts) -> pd.DataFrame:
     """SAMM v2, sheet MICRO_ONLY: Subject '006' (or 6) -> folder 006/006_1_2."""
-    header, rows = read_sheet(path, "MICRO_ONLY")
-    cols = {"subject": "Subject", "clip": "Filename", "onset": "Onset Frame",
-            "apex": "Apex Frame", "offset": "Offset Frame", "action_units": "Action Units",
-            "emotion": "Estimated Emotion"}
-
     def ids(raw, rec):
         subject = f"{int(float(str(raw['subject']).strip())):03d}"
         clip = str(raw["clip"]).strip()
         return {"dataset": "samm", "subject": subject, "clip": clip,
                 "frame_dir": f"{subject}/{clip}"}
-    return _build(path, header, rows, cols, ids, strict)
+    return _parse("samm", path, ids, strict, opts)
 
 
 SMIC_CLASSES = {0: "negative", 1: "positive", 2: "surprise"}
@@ -220,19 +219,15 @@ def smic_ids(subject, clip: str) -> tuple[str, str]:
     return f"s{n:02d}", clip
 
 
-def parse_smic(path, strict: bool = True) -> pd.DataFrame:
+def parse_smic(path, strict: bool = True, **opts) -> pd.DataFrame:
     """SMIC-HS smic_apex.xlsx; labels 0/1/2 are negative/positive/surprise."""
-    header, rows = read_sheet(path)
-    cols = {"subject": "subject", "clip": "clip", "onset": "onset_frame",
-            "apex": "apex_frame", "offset": "offset_frame", "emotion": "label"}
-
     def ids(raw, rec):
         subject, clip = smic_ids(raw["subject"], raw["clip"])
         n = int(subject[1:])
         orig_clip = str(raw["clip"]).strip()
         return {"dataset": "smic", "subject": subject, "clip": clip,
                 "frame_dir": f"s{n}/micro/{raw['emotion']}/{orig_clip}"}
-    return _build(path, header, rows, cols, ids, strict,
+    return _parse("smic", path, ids, strict, opts,
                   emotion_of=lambda v: SMIC_CLASSES.get(_int_or(v), v))
 
 
@@ -243,35 +238,30 @@ def _int_or(v):
         return v
 
 
-def parse_casme3(path, strict: bool = True) -> pd.DataFrame:
+def parse_casme3(path, strict: bool = True, **opts) -> pd.DataFrame:
     """CAS(ME)^3 part A, sheet 'label': frame numbers stored as text; folder spNO.1/a/color."""
-    header, rows = read_sheet(path, "label")
-    cols = {"subject": "Subject", "clip": "Filename", "onset": "Onset", "apex": "Apex",
-            "offset": "Offset", "action_units": "AU", "emotion": "emotion"}
-
     def ids(raw, rec):
         # one long clip holds several micro-expressions: the onset makes the sample unique
         subject, clip = str(raw["subject"]).strip(), str(raw["clip"]).strip()
         return {"dataset": "casme3", "subject": subject, "clip": clip,
                 "sample_id": f"{subject}_{clip}_{rec['onset']}",
                 "frame_dir": f"{subject}/{clip}/color"}
-    return _build(path, header, rows, cols, ids, strict)
+    return _parse("casme3", path, ids, strict, opts)
 
 
-def parse_dfme(paths, strict: bool = True) -> pd.DataFrame:
+def _dfme_ids(raw, rec):
+    subject, clip = str(raw["subject"]).strip(), str(raw["clip"]).strip()
+    return {"dataset": "dfme", "subject": subject, "clip": clip, "frame_dir": f"{subject}/{clip}"}
+
+
+def parse_dfme(paths, strict: bool = True, **opts) -> pd.DataFrame:
     """DFME sheets (training / testA / testB), concatenated."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    cols = {"subject": "Subject", "clip": "Filename", "onset": "OnsetFrame",
-            "apex": "ApexFrame", "offset": "OffsetFrame", "action_units": "AU",
-            "emotion": "Emotion"}
-
-    def ids(raw, rec):
-        subject, clip = str(raw["subject"]).strip(), str(raw["clip"]).strip()
-        return {"dataset": "dfme", "subject": subject, "clip": clip,
-                "frame_dir": f"{subject}/{clip}"}
-    tables = [_build(p, *read_sheet(p), cols, ids, strict) for p in paths]
-    out = _table(pd.concat(tables, ignore_index=True).to_dict("records"))
+    tables = [_parse("dfme", p, _dfme_ids, strict, dict(opts)) for p in paths]
+    out = _table([dict(r, _where=t.attrs["rows"][r["sample_id"]])
+                  for t in tables for r in t.to_dict("records")])
     out.attrs["annotation_fixes"] = [f for t in tables for f in t.attrs["annotation_fixes"]]
+    out.attrs["rows"] = {k: v for t in tables for k, v in t.attrs["rows"].items()}
     return out
 
 
@@ -279,8 +269,13 @@ PARSERS = {"casme2": parse_casme2, "samm": parse_samm, "smic": parse_smic,
            "casme3": parse_casme3, "dfme": parse_dfme}
 
 
-def parse_annotations(dataset: str, path, strict: bool = True) -> pd.DataFrame:
+def parse_annotations(dataset: str, path, strict: bool = True, columns: dict | None = None,
+                      label_codes: dict | None = None, fixes: bool = True) -> pd.DataFrame:
+    """The sample table of a dataset's coding sheet (see `mexp.data.sheetio` for the layouts:
+    a title block above the header, or no header with `columns` and `label_codes`).
+    `fixes=False` leaves the known sheet errors as they are (to compare sheet versions)."""
     if dataset not in PARSERS:
         raise AnnotationError(f"no coding-sheet parser for dataset '{dataset}'; "
                               f"known: {', '.join(PARSERS)}")
-    return PARSERS[dataset](path, strict=strict)
+    return PARSERS[dataset](path, strict=strict, columns=columns or None,
+                            label_codes=label_codes or None, fixes=fixes)

@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mexp.data.paths import inside
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp"}
 _NUM = re.compile(r"(\d+)$")
 
@@ -16,14 +18,17 @@ class FrameError(ValueError):
     """A missing frame folder, an empty window, or an unreadable image (names the path)."""
 
 
-def clip_folder(root: str | Path, frame_dir: str, dataset: str = "", clip: str = "") -> Path:
-    """The clip's frame folder. SMIC-HS releases differ: also try `sN/<clip>` and `<clip>`."""
+def clip_folder(root: str | Path, frame_dir: str, dataset: str = "", clip: str = "",
+                where: str = "") -> Path:
+    """The clip's frame folder. SMIC-HS releases differ: also try `sN/<clip>` and `<clip>`.
+    A folder outside `root` (a sheet value with '..') is a PathError that starts with `where`."""
     root = Path(root)
-    cand = [root / frame_dir]
+    rels = [frame_dir]
     if dataset == "smic" and clip:
         subj = frame_dir.split("/")[0]
         orig = frame_dir.rstrip("/").split("/")[-1]
-        cand += [root / subj / orig, root / orig]
+        rels += [f"{subj}/{orig}", orig]
+    cand = [inside(root, r, where or f"clip {clip or frame_dir}") for r in rels]
     for c in cand:
         if c.is_dir():
             return c
@@ -56,6 +61,27 @@ def window(frames: list[tuple[int, Path]], onset: int, offset: int | None,
     if not sel:
         raise FrameError(f"{folder}: no frames between onset {onset} and offset {hi}")
     return sel
+
+
+def check_span(frames: list[tuple[int, Path]], onset: int, apex: int | None,
+               offset: int | None, folder: Path) -> None:
+    """onset <= apex <= offset, all within the frames on disk, and the apex frame present:
+    otherwise the clip would be cut, or its "apex" would be some other frame."""
+    if not frames:
+        raise FrameError(f"no image frames in {folder}")
+    first, last = frames[0][0], frames[-1][0]
+    marks = [(k, v) for k, v in (("onset", onset), ("apex", apex), ("offset", offset))
+             if v is not None]
+    for k, v in marks:
+        if not first <= v <= last:
+            raise FrameError(f"{k} frame {v} is outside the frames on disk ({first}..{last}) "
+                             f"in {folder}")
+    vals = [v for _, v in marks]
+    if vals != sorted(vals):
+        raise FrameError(f"{folder}: frames out of order: "
+                         + ", ".join(f"{k} {v}" for k, v in marks))
+    if apex is not None and apex not in {n for n, _ in frames}:
+        raise FrameError(f"apex frame {apex} has no image in {folder}")
 
 
 def sample_positions(nums: list[int], apex: int | None, length: int) -> np.ndarray:

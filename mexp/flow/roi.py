@@ -1,78 +1,37 @@
-"""Face box, the seven ROIs, per-frame ROI motion `(T, 14)`, and STSTNet-style flow images."""
+"""Per-frame 7-ROI motion `(T, 14)` and STSTNet-style flow images from a clip's optical flow, with
+the face and its ROIs placed by `mexp.flow.face` (full frame, Haar box or landmarks)."""
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
+from mexp.flow.face import ROIS, Face, NoFaceError, locate, roi_boxes  # noqa: F401 (re-exported)
 from mexp.flow.optical import FlowError, clip_flow, compensate, strain
-
-# name -> (centre x, centre y, width, height) as fractions of the face box
-ROIS = {
-    "brow_left": (0.34, 0.31, 0.20, 0.10),
-    "brow_right": (0.66, 0.31, 0.20, 0.10),
-    "eye_left": (0.34, 0.41, 0.18, 0.08),
-    "eye_right": (0.66, 0.41, 0.18, 0.08),
-    "nose": (0.50, 0.57, 0.16, 0.12),
-    "mouth_left": (0.36, 0.73, 0.14, 0.10),
-    "mouth_right": (0.64, 0.73, 0.14, 0.10),
-}
-
-
-class NoFaceError(FlowError):
-    """The face detector found no face on a clip's onset frame."""
-
-
-def detect_face(frame: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Largest Haar-cascade face (x, y, w, h) on a grey frame, or None."""
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-    h, w = frame.shape[:2]
-    faces = cascade.detectMultiScale(frame, 1.1, 4, minSize=(int(0.3 * min(h, w)),) * 2)
-    if len(faces) == 0:
-        return None
-    x, y, fw, fh = max(faces, key=lambda f: f[2] * f[3])
-    return int(x), int(y), int(fw), int(fh)
 
 
 def face_box(frames: np.ndarray, mode: str, where: str = "") -> tuple[int, int, int, int]:
-    """One box per clip, from the onset frame only (so alignment never injects motion)."""
-    h, w = frames.shape[1:3]
-    if mode == "full":
-        return 0, 0, w, h
-    box = detect_face(frames[0])
-    if box is None:
-        raise NoFaceError(f"no face found on the onset frame of {where or 'the clip'}")
-    return box
+    """The face box (x, y, w, h) on a clip's onset frame (frame 0)."""
+    return locate(frames[0], mode, where).crop()
 
 
-def roi_boxes(box, shape) -> dict[str, tuple[int, int, int, int]]:
-    """Pixel boxes (x0, y0, x1, y1) of the seven ROIs inside a face box."""
-    x, y, w, h = box
-    out = {}
-    for name, (cx, cy, rw, rh) in ROIS.items():
-        x0, x1 = x + (cx - rw / 2) * w, x + (cx + rw / 2) * w
-        y0, y1 = y + (cy - rh / 2) * h, y + (cy + rh / 2) * h
-        out[name] = (max(0, int(round(x0))), max(0, int(round(y0))),
-                     min(shape[1], int(round(x1))), min(shape[0], int(round(y1))))
-    return out
+def place(frames: np.ndarray, face: str, where: str = "", onset: np.ndarray | None = None) -> Face:
+    """The face on the onset frame, mapped onto the clip's frames. `onset` is that frame at its
+    original size (before the clip was resized), where the face is found at its true aspect
+    ratio; without it, frame 0 of the clip."""
+    return locate(frames[0] if onset is None else onset, face, where).scaled(frames.shape[1:3])
 
 
-def head_mask(box, shape, margin: float = 0.4) -> np.ndarray:
-    """Face pixels outside every (enlarged) ROI: where head motion is measured."""
-    x, y, w, h = box
-    mask = np.zeros(shape, bool)
-    mask[y:y + h, x:x + w] = True
-    for (x0, y0, x1, y1) in roi_boxes(box, shape).values():
-        dx, dy = int((x1 - x0) * margin), int((y1 - y0) * margin)
-        mask[max(0, y0 - dy):y1 + dy, max(0, x0 - dx):x1 + dx] = False
-    return mask
+def face_flows(frames: np.ndarray, method: str, geo: Face, compensate_head: bool = True):
+    """Flow from frame 0 to every frame (T, H, W, 2), less the head motion measured on the face
+    outside the ROIs."""
+    flows = clip_flow(frames, method)
+    return compensate(flows, geo.head_mask()) if compensate_head else flows
 
 
-def roi_features(flows: np.ndarray, box) -> np.ndarray:
-    """Mean (u, v) of each ROI per frame: (T, H, W, 2) -> (T, 14)."""
-    cols = []
-    for (x0, y0, x1, y1) in roi_boxes(box, flows.shape[1:3]).values():
-        cols.append(flows[:, y0:y1, x0:x1].mean(axis=(1, 2)))   # (T, 2)
-    return np.concatenate(cols, axis=1).astype(np.float32)
+def roi_features(flows: np.ndarray, rois: dict) -> np.ndarray:
+    """Mean (u, v) of each ROI {name: (x0, y0, x1, y1)} per frame: (T, H, W, 2) -> (T, 14)."""
+    cols = [flows[:, y0:y1, x0:x1].mean(axis=(1, 2)) for (x0, y0, x1, y1) in rois.values()]
+    return np.concatenate(cols, axis=1).astype(np.float32)          # (T, 14)
 
 
 def minmax_uint8(x: np.ndarray) -> np.ndarray:
@@ -84,7 +43,7 @@ def minmax_uint8(x: np.ndarray) -> np.ndarray:
 
 def flow_image(flow: np.ndarray, box, size: int = 28) -> np.ndarray:
     """STSTNet input from one onset->apex flow: (size, size, 3) uint8, R = u, G = v,
-    B = strain, face-cropped, resized, each channel min-max normalised to 0..255."""
+    B = strain, face-cropped (box x, y, w, h), resized, each channel min-max normalised."""
     x, y, w, h = box
     f = flow[y:y + h, x:x + w]
     chans = [f[..., 0], f[..., 1], strain(f)]
@@ -93,28 +52,29 @@ def flow_image(flow: np.ndarray, box, size: int = 28) -> np.ndarray:
 
 
 def clip_motion(frames: np.ndarray, apex: int, method: str, face: str = "full",
-                compensate_head: bool = True, where: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """ROI sequence (T, 14) and apex flow image (28, 28, 3) of one clip (T, H, W[, 1]) uint8."""
+                compensate_head: bool = True, where: str = "",
+                onset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ROI sequence (T, 14) and apex flow image (28, 28, 3) of one clip (T, H, W[, 1]) uint8;
+    `onset`: the onset frame at its original size, for `place`."""
     frames = frames[..., 0] if frames.ndim == 4 else frames
     if len(frames) < 2:
         raise FlowError(f"{where or 'clip'}: {len(frames)} frame(s), flow needs at least 2")
     if not 0 <= apex < len(frames):
         raise FlowError(f"{where or 'clip'}: apex index {apex} outside {len(frames)} frames")
-    box = face_box(frames, face, where)
-    flows = clip_flow(frames, method)
-    if compensate_head:
-        flows = compensate(flows, head_mask(box, frames.shape[1:3]))
-    return roi_features(flows, box), flow_image(flows[apex], box)
+    geo = place(frames, face, where, onset)
+    flows = face_flows(frames, method, geo, compensate_head)
+    return roi_features(flows, geo.rois()), flow_image(flows[apex], geo.crop())
 
 
 def motion_job(args):
-    """Process-pool worker for extract_flow: (sample id, frames, apex, method, face, compensate)
-    -> (id, roi, img, error). It lives here, in a module that imports only OpenCV and numpy,
-    so that a spawned worker starts in a fraction of a second."""
+    """Process-pool worker for extract_flow: (sample id, frames, apex, method, face, compensate,
+    original onset frame or None) -> (id, roi, img, error). It lives here, in a module that
+    imports only OpenCV and numpy (dlib lazily, for landmarks), so that a spawned worker starts
+    in a fraction of a second."""
     cv2.setNumThreads(1)
-    sid, frames, apex, method, face, comp = args
+    sid, frames, apex, method, face, comp, onset = args
     try:
-        roi, img = clip_motion(frames, apex, method, face, comp, where=sid)
+        roi, img = clip_motion(frames, apex, method, face, comp, where=sid, onset=onset)
         return sid, roi, img, None
     except NoFaceError as e:
         return sid, None, None, str(e)
