@@ -3,6 +3,7 @@ as an MLflow input, local output folders and the one-line summary."""
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,16 +80,38 @@ def out_dir(cfg: Config) -> Path | None:
     return Path(cfg.output.dir) if cfg.output.local else None
 
 
-def summary_line(stage: str, s: dict, run_id: str, extra: str = "") -> str:
+PROMOTABLE = ("train_cnn", "train_lstm", "train_cnn_lstm")
+
+
+def where_to_look(run_id: str) -> str:
+    """How to open a run: its page on a tracking server, else `mlflow ui` on the local store
+    (credentials never printed)."""
     uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        from mlflow.tracking import MlflowClient
+        exp = MlflowClient().get_run(run_id).info.experiment_id
+        base = re.sub(r"//[^/@]*@", "//", uri).rstrip("/")   # a browser logs in by itself
+        return f"open it at {base}/#/experiments/{exp}/runs/{run_id}"
+    return f"see it with: mlflow ui --backend-store-uri {redact(uri)}"
+
+
+def next_steps(stage: str, run_id: str) -> str:
+    """The commands a user runs next on this run, with its id filled in."""
+    steps = [f"python -m mexp.evaluate --run-id {run_id}"]
+    if stage.split(":")[0] in PROMOTABLE:
+        steps.append(f"python -m mexp.promote promote.run_id={run_id}")
+    return "next: " + "  |  ".join(steps) + f"  |  {where_to_look(run_id)}"
+
+
+def summary_line(stage: str, s: dict, run_id: str, extra: str = "") -> str:
+    """The stage's one-line result, then a line of next steps with the real ids."""
     if upstream_note():
         extra += f"; input: {upstream_note()}"
     if s.get("oracle"):
         extra += " -- ORACLE: epochs chosen on the test subjects, not an honest estimate"
     line = (f"{stage}: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  accuracy {s['accuracy']:.4f} "
-            f"over {s['folds']} folds ({s['n']} clips); run {run_id}{extra}; "
-            f"see it with: mlflow ui --backend-store-uri {redact(uri)}")
-    return line
+            f"over {s['folds']} folds ({s['n']} clips); run {run_id}{extra}")
+    return line + "\n" + next_steps(stage, run_id)
 
 
 def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
@@ -129,6 +152,7 @@ def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
         f"{k.upper() if k != 'accuracy' else 'accuracy'} {m:.4f} ± {sd:.4f}"
         for k, (m, sd) in agg.items()) + (f"; ensemble of {n}: UF1 {ens['uf1']:.4f} UAR "
                                           f"{ens['uar']:.4f}" if ens else "") + f"; run {rid}")
+    print(next_steps(stage, rid))
     return {"run_id": rid, "repeats": results,
             **{k: m for k, (m, _) in agg.items()}, **{f"{k}_sd": sd for k, (_, sd) in agg.items()},
             **({"ensemble": ens} if ens else {})}

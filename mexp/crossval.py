@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from tqdm import tqdm
+from mexp.progress import progress
 
 from mexp import plots
 from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
@@ -119,6 +119,13 @@ class FoldLogger:
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
         self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
 
+    def check(self) -> None:
+        """Re-raise the first logging error now (a lost tracking server), not after every
+        remaining fold has trained."""
+        for f in self.pending.values():
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
     def drain(self) -> dict[str, dict]:
         """Fold name -> the result logged for it, once everything is logged."""
         return {name: f.result() for name, f in self.pending.items()}
@@ -193,7 +200,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
     outputs = fold_outputs(run_fold, todo, workers)
     try:
-        for k, fold in enumerate(tqdm(plan.folds, desc=f"{stage} folds", unit="fold")):
+        for k, fold in enumerate(progress(plan.folds, desc=f"{stage} folds", unit="fold")):
             if fold.name not in done:
                 k_out, fold_out, out = next(outputs)
                 assert (k_out, fold_out.name) == (k, fold.name)
@@ -201,6 +208,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
                     assert_no_leak(fold, out, subject_of)
                 y = np.array([label_of[i] for i in out.test_ids])
                 logger.submit(fold, out, y)
+                logger.check()
                 results[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
                                       "probs": out.probs.tolist()}
             if on_fold is not None:

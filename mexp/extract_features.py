@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from tqdm import tqdm
+from mexp.progress import progress
 
 from mexp import cli
 from mexp.common import fetch_plan, log_dataset, log_plan, out_dir, setup_torch
@@ -78,7 +78,7 @@ def main(cfg: Config) -> dict:
         log_plan(plan, cs.table["sample_id"])
         fdir = Path(tmp) / "features"
         fdir.mkdir()
-        for fold in tqdm(plan.folds, desc="extract features", unit="fold"):
+        for fold in progress(plan.folds, desc="extract features", unit="fold"):
             model = build_cnn(ccfg, clips.shape[-1], len(cs.classes))
             model.load_state_dict(fold_weights(cnn_id, fold.name, leak))
             np.save(fdir / f"fold={fold.name}.npy", embed(model, clips, device))

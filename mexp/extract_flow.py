@@ -18,7 +18,7 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from mexp.progress import progress
 
 from mexp import cli
 from mexp.common import log_dataset
@@ -78,9 +78,9 @@ def compute(cfg: Config, cs: ClipSet) -> tuple[list[str], np.ndarray, np.ndarray
         # stage's torch and MLflow in every worker made the pool slower than one process
         # for DIS and Farneback (bench/flow_speed.py, BENCHMARKS.md)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-            out = list(tqdm(ex.map(motion_job, jobs, chunksize=4), **bar))
+            out = list(progress(ex.map(motion_job, jobs, chunksize=4), **bar))
     else:
-        out = [motion_job(j) for j in tqdm(jobs, **bar)]
+        out = [motion_job(j) for j in progress(jobs, **bar)]
     skipped = [f"{sid}: {err}" for sid, _, _, err in out if err]
     if skipped and fcfg.no_face == "error":
         raise NoFaceError(skipped[0] + (f" (and {len(skipped) - 1} more clips)" if len(skipped) > 1

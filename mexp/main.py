@@ -21,7 +21,7 @@ from mexp import cli, extract_features, train_cnn, train_lstm
 from mexp.config import Config
 from mexp.data.datasets import load_dataset, resolve_path
 from mexp.data.synthetic import generate
-from mexp.secrets import redact
+from mexp.common import next_steps
 from mexp.tracking import T, code_digest, configure, find_reusable, stage_run
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,10 @@ def main(cfg: Config) -> dict:
         mlflow.set_tags({T + "cnn_run_id": cnn_id, T + "features_run_id": feat_id,
                          T + "lstm_run_id": lstm_id})
         pid, exp = parent.info.run_id, parent.info.experiment_id
-    uri = mlflow.get_tracking_uri()
     print(f"pipeline: UF1 {s['uf1']:.4f}  UAR {s['uar']:.4f}  accuracy {s['accuracy']:.4f}; "
           f"runs: pipeline {pid}, train_cnn {cnn_id}, extract_features {feat_id}, "
-          f"train_lstm {lstm_id}; open them with: mlflow ui --backend-store-uri {redact(uri)} "
-          f"(experiment {exp})")
+          f"train_lstm {lstm_id} (experiment {exp})")
+    print(next_steps("train_lstm", lstm_id))
     return {"run_id": pid, "cnn_run_id": cnn_id, "features_run_id": feat_id,
             "lstm_run_id": lstm_id, **{k: s[k] for k in ("uf1", "uar", "accuracy")}}
 

@@ -15,16 +15,13 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema, TensorSpec
 
 from mexp import cli
 from mexp.config import Config
 from mexp.refit import refit
-from mexp.serving import MERModel
+from mexp.serving import MERModel, signature
 from mexp.tracking import T, LineageError, check_run, configure, stage_run
 
 log = logging.getLogger(__name__)
@@ -73,16 +70,6 @@ def champion(client: MlflowClient, name: str, metric: str):
     except MlflowException:
         return None, None
     return mv, float(mv.tags.get(f"mexp.cv_{metric}", "nan"))
-
-
-def signature(kind: str, classes) -> tuple[ModelSignature, np.ndarray]:
-    """Input: any-shape tensor, so one clip (T, H, W) and a batch (N, T, H, W) are both
-    accepted; the model itself checks rank, size and that pixels are uint8 values (HTTP 400
-    otherwise), since MLflow would silently cast 0.5 to a uint8 0."""
-    example = np.zeros((1, 28, 28, 3) if kind == "flow_cnn" else (1, 4, 32, 32), np.uint8)
-    outputs = Schema([ColSpec("string", "label"), ColSpec("long", "label_index")]
-                     + [ColSpec("double", f"prob_{c}") for c in classes])
-    return ModelSignature(Schema([TensorSpec(np.dtype(object), (-1,))]), outputs), example
 
 
 def log_and_register(bundle, name: str) -> object:

@@ -15,16 +15,72 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
 
 KINDS = ("two_stage", "cnn_lstm", "frame_cnn", "flow_cnn")
 
 
 class BadInput(MlflowException):
-    """A request whose array has the wrong rank, size or dtype (HTTP 400 when served)."""
+    """A request whose array has the wrong rank, size or dtype (HTTP 400 when served).
+
+    MLflow's scoring server rewrites a failed prediction's message as "Failed to predict data
+    '<the whole request array>'. Error: <message>", echoing the request back (megabytes for
+    a clip); this message stays ours, which summarises the input (shape, dtype, range)."""
 
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        own = getattr(self, "_message", None)
+        self._message = own if own is not None and str(value).endswith(own) else value
+
+
+USAGE = ('send {"inputs": [...]} with a batch of clips (N, T, H, W) or one clip (T, H, W) of '
+         'uint8 frames, N >= 1 and T >= 2')
+
+
+def describe(x) -> str:
+    """A short summary of a request value for an error message: what it is, shape, dtype."""
+    if isinstance(x, pd.DataFrame):
+        cols = [str(c) for c in x.columns[:5]] + (["..."] if len(x.columns) > 5 else [])
+        return f"a table of {len(x)} row(s) with columns {cols}"
+    if isinstance(x, dict):
+        return f"named inputs {sorted(map(str, x))[:5]}"
+    if x is None:
+        return "null"
+    try:
+        a = np.asarray(x)
+    except ValueError:
+        a = np.asarray(x, dtype=object)
+    return f"an array of shape {a.shape}, dtype {a.dtype}"
+
+
+def as_array(model_input) -> np.ndarray:
+    """The request's array; tables, named inputs, null, ragged and empty batches are refused
+    with the same kind of message as any other bad input."""
+    if isinstance(model_input, pd.DataFrame):
+        raise BadInput(f"expected an array of clips, got {describe(model_input)} "
+                       f"(dataframe_split / dataframe_records / CSV are not accepted): {USAGE}")
+    if isinstance(model_input, np.ndarray) and model_input.shape == () and \
+            model_input.dtype == object and model_input.item() is None:
+        model_input = None               # {"inputs": null} arrives as a 0-d object array
+    if model_input is None or isinstance(model_input, dict):
+        raise BadInput(f"expected an array of clips, got {describe(model_input)}: {USAGE}")
+    try:
+        x = np.asarray(model_input)
+    except ValueError:                  # ragged nesting: clips of different sizes in one array
+        raise BadInput("all clips in one request must have the same shape (send clips of other "
+                       f"sizes in another request); got {describe(model_input)}") from None
+    if x.size == 0 and (x.ndim <= 1 or x.shape[0] == 0):
+        raise BadInput(f"the batch is empty ({describe(x)}): {USAGE}")
+    return x
 
 
 def pixels(x) -> np.ndarray:
@@ -33,14 +89,33 @@ def pixels(x) -> np.ndarray:
     if x.dtype == np.uint8:
         return x
     try:
-        f = x.astype(np.float64)
+        if x.dtype.kind not in "iufO":
+            raise TypeError(x.dtype)
+        f = x.astype(np.float64)            # an object array holds numbers, or it fails here
     except (TypeError, ValueError):
-        raise BadInput(f"pixels must be numbers (uint8 0..255), got {x.dtype} values") from None
+        kind = {"U": "strings", "S": "bytes", "O": "objects or ragged lists",
+                "b": "booleans"}.get(x.dtype.kind, str(x.dtype))
+        raise BadInput(f"pixels must be numbers (uint8 0..255), got {kind} "
+                       f"({describe(x)})") from None
+    if f.size and not np.isfinite(f).all():
+        raise BadInput(f"pixels must be integers in 0..255 (uint8); got NaN or infinity "
+                       f"({describe(x)})")
     if f.size and (np.any(f != np.round(f)) or f.min() < 0 or f.max() > 255):
         raise BadInput("pixels must be integers in 0..255 (uint8); got values from "
                        f"{f.min():g} to {f.max():g}, non-integers included" if np.any(f != np.round(f))
                        else f"pixels must be integers in 0..255 (uint8); got {f.min():g}..{f.max():g}")
     return f.astype(np.uint8)
+
+
+def signature(kind: str, classes) -> tuple[ModelSignature, np.ndarray]:
+    """The served model's signature (outputs only) and input example. No input schema: MLflow
+    would refuse an empty batch or a table with its own wording before the model sees it, and
+    an any-shape tensor spec checks nothing anyway; the model checks rank, size and that
+    pixels are uint8 values itself (HTTP 400 with the reason)."""
+    example = np.zeros((1, 28, 28, 3) if kind == "flow_cnn" else (1, 4, 32, 32), np.uint8)
+    outputs = Schema([ColSpec("string", "label"), ColSpec("long", "label_index")]
+                     + [ColSpec("double", f"prob_{c}") for c in classes])
+    return ModelSignature(inputs=None, outputs=outputs), example
 
 
 def _cfg(path):
@@ -71,10 +146,14 @@ class MERModel(mlflow.pyfunc.PythonModel):
         """(N, T, H, W) uint8 -> (N, L, S, S, 1) uint8, as the training data were made."""
         from mexp.data.frames import resample_array
         from mexp.data.inputs import prepare_clips
+        shape = x.shape
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] < 2:
-            raise BadInput(f"expected clips (N, T, H, W) with T >= 2, got shape {x.shape}")
+            raise BadInput(f"expected clips (N, T, H, W) or one clip (T, H, W) with T >= 2, "
+                           f"got shape {shape}")
+        if min(x.shape[2:]) < 1:
+            raise BadInput(f"frames must be at least 1x1 pixels, got shape {shape}")
         d = self.cfg.data
         clips = np.stack([resample_array(c, d.sequence_length, d.image_size) for c in x])
         return prepare_clips(clips, d.input)
@@ -100,9 +179,7 @@ class MERModel(mlflow.pyfunc.PythonModel):
         return torch.softmax(self.models["lstm"](f.view(n, t, -1)), 1).numpy()
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame):
-            raise BadInput("expected an array of clips, got a table")
-        probs = self._probs(np.asarray(model_input))
+        probs = self._probs(as_array(model_input))
         out = pd.DataFrame({"label": [self.classes[i] for i in probs.argmax(1)],
                             "label_index": probs.argmax(1).astype(np.int64)})
         for i, c in enumerate(self.classes):

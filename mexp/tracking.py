@@ -232,8 +232,11 @@ def check_run(run_id: str, stage: str, finished: bool = True):
     """The run, after checking that it exists, is of `stage`, and (if asked) FINISHED."""
     try:
         run = MlflowClient().get_run(run_id)
-    except MlflowException:
-        raise LineageError(f"run id {run_id!r} not found on {mlflow.get_tracking_uri()}") from None
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise LineageError(f"run id {run_id!r} not found on "
+                           f"{redact(mlflow.get_tracking_uri())}") from None
     got = run.data.tags.get(T + "stage")
     if got != stage:
         raise LineageError(f"run {run_id} is a '{got}' run, not a '{stage}' run")

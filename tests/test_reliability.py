@@ -103,7 +103,7 @@ def test_auto_upstream_matches_input_shape_and_says_which(cfg, capsys):
     cfg.cnn_run_id = ""
     capsys.readouterr()
     lstm = train_lstm.main(cfg)                       # no features_run_id: picked by config
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = capsys.readouterr().out.strip().splitlines()[-2]
     assert f"extract_features run {feats['run_id']} picked automatically" in line
     assert MlflowClient().get_run(lstm["run_id"]).data.tags["mexp.features_run_id"] == \
         feats["run_id"]
@@ -138,3 +138,21 @@ def test_bad_config_exits_2_before_any_run_or_store_is_touched(tmp_path):
         assert r.returncode == 2, r.stderr
         assert item.split("=")[0] in r.stderr and "Traceback" not in r.stderr
         assert not (Path(tmp_path) / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_end_lines_point_at_the_server_page_not_a_backend_flag(monkeypatch):
+    """On a tracking server the next steps give the run's page (no credentials), not
+    `mlflow ui --backend-store-uri http://...`."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from mexp import common
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://ann:pw123@mlflow.example:5000/")
+    monkeypatch.setattr("mlflow.tracking.MlflowClient.get_run", lambda self, rid: SimpleNamespace(
+        info=SimpleNamespace(experiment_id="7")))
+    steps = common.next_steps("train_cnn", "abc123")
+    assert "open it at http://mlflow.example:5000/#/experiments/7/runs/abc123" in steps
+    assert "pw123" not in steps and "ann" not in steps and "backend-store-uri" not in steps
+    assert "python -m mexp.promote promote.run_id=abc123" in steps
+    assert "promote" not in common.next_steps("extract_features", "abc123")

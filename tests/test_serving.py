@@ -116,7 +116,12 @@ def test_served_champion_answers_a_real_clip(lstm_run, tracking, tmp_path, synth
         assert code == 200 and len(body["predictions"]) == 1
         code, body = _post(srv.url, {"inputs": (clip / 255.0).tolist()})
         assert code == 400 and "uint8" in body["message"]
+        assert "Failed to predict data" not in body["message"]        # the clip is not echoed
         code, body = _post(srv.url, {"inputs": clip[0].tolist()})    # a single frame
         assert code == 400 and "(N, T, H, W)" in body["message"]
+        code, body = _post(srv.url, {"inputs": []})
+        assert code == 400 and "batch is empty" in body["message"], body
+        code, body = _post(srv.url, {"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}})
+        assert code == 400 and "got a table" in body["message"], body
     finally:
         srv.stop()

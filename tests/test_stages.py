@@ -38,8 +38,11 @@ def _children(client, run):
 def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys):
     out = pipeline.main(cfg)
     client = MlflowClient()
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith("pipeline: UF1") and out["lstm_run_id"] in line and "mlflow ui" in line
+    *_, line, steps = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("pipeline: UF1") and out["lstm_run_id"] in line
+    assert steps.startswith("next: ") and "mlflow ui --backend-store-uri" in steps
+    assert f"python -m mexp.evaluate --run-id {out['lstm_run_id']}" in steps
+    assert f"python -m mexp.promote promote.run_id={out['lstm_run_id']}" in steps
     top = client.get_run(out["run_id"])
     stages = {r.data.tags["mexp.stage"]: r for r in _children(client, top)}
     assert set(stages) == {"train_cnn", "extract_features", "train_lstm"}

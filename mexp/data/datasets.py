@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from mexp.progress import progress
 
 from mexp.data import frames as fr
 from mexp.data.annotations import SHEETS, AnnotationError, parse_annotations
@@ -144,7 +144,7 @@ def load_frames_dataset(dcfg) -> ClipSet:
             "v": 1}
     cache = ClipCache(resolve_path(dcfg.cache_dir), prep)
     clips, apex, keys, keep, bad = [], [], [], [], []
-    for i, row in enumerate(tqdm(table.itertuples(index=False), total=len(table),
+    for i, row in enumerate(progress(table.itertuples(index=False), total=len(table),
                                  desc="load clips", unit="clip", leave=False)):
         where = rows.get(row.sample_id, f"sample {row.sample_id}")
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import openpyxl
-from tqdm import tqdm
+from mexp.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def generate(cfg, out: str | Path | None = None) -> dict:
     bases = [render_face(f, np.random.default_rng([cfg.seed, s, 1])) for s, f in enumerate(faces)]
     specs = plan_clips(cfg, rng)
     params = [cv2.IMWRITE_JPEG_QUALITY, int(cfg.jpeg_quality)]
-    for k, c in enumerate(tqdm(specs, desc="synthesize", unit="clip", leave=False)):
+    for k, c in enumerate(progress(specs, desc="synthesize", unit="clip", leave=False)):
         s = int(c.subject) - 1
         crng = np.random.default_rng([cfg.seed, s, 2, k])
         field = motion_field(faces[s], c.aus, c.amplitude)
