@@ -55,8 +55,10 @@ def configure(cfg: Config) -> str:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         if os.environ.get("MLFLOW_RUN_ID") and not mlflow.active_run():
-            # launched by `mlflow run`: the run (and so the experiment) is already chosen
-            return MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+            # launched by `mlflow run`: use its run if it is in the configured experiment
+            exp = _launcher_experiment(os.environ["MLFLOW_RUN_ID"], cfg.tracking.experiment)
+            if exp:
+                return exp
         if mlflow.active_run():
             return mlflow.active_run().info.experiment_id
         return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
@@ -66,6 +68,23 @@ def configure(cfg: Config) -> str:
     except Exception as e:  # connection errors surface as several request exception types
         raise TrackingError(redact(f"cannot reach tracking server {uri}: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:300]}")) from None
+
+
+def _launcher_experiment(run_id: str, experiment: str) -> str:
+    """The experiment id of `mlflow run`'s run if it is `experiment`; else the launcher run
+    is left as a pointer (tagged) and the stage logs into `experiment` like any other run."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if client.get_experiment(run.info.experiment_id).name == experiment:
+        return run.info.experiment_id
+    note = (f"mexp logged this work in experiment '{experiment}' (tracking.experiment); "
+            f"`mlflow run ... --experiment-name {experiment}` puts the launcher run there too")
+    client.set_tag(run_id, T + "logged_in_experiment", experiment)
+    client.set_tag(run_id, "mlflow.note.content", note)
+    log.warning("`mlflow run` opened run %s outside experiment '%s': %s", run_id, experiment, note)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(var, None)
+    return ""
 
 
 @lru_cache(maxsize=1)

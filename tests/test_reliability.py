@@ -156,3 +156,18 @@ def test_end_lines_point_at_the_server_page_not_a_backend_flag(monkeypatch):
     assert "pw123" not in steps and "ann" not in steps and "backend-store-uri" not in steps
     assert "python -m mexp.promote promote.run_id=abc123" in steps
     assert "promote" not in common.next_steps("extract_features", "abc123")
+
+
+def test_a_run_launched_in_another_experiment_lands_in_the_configured_one(cfg, monkeypatch):
+    """`mlflow run . -e train_cnn` without --experiment-name opens its run in Default: the
+    stage still logs into `tracking.experiment`, and the launcher run points there."""
+    client = MlflowClient()
+    launcher = client.create_run("0")                  # what `mlflow run` does
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    cfg.training.epochs, cfg.training.cv_folds = 1, 2
+    out = train_cnn.main(cfg)
+    run = client.get_run(out["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "mexp"
+    assert client.get_run(launcher.info.run_id).data.tags["mexp.logged_in_experiment"] == "mexp"
+    assert not client.search_runs(["0"], "tags.`mexp.stage` = 'train_cnn'")
