@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from mexp.config import Config
 from mexp.metrics import breakdown, confusion, scores
-from mexp.tracking import LineageError, TrackingError, configure, download
+from mexp.tracking import T, LineageError, TrackingError, configure, download
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,19 @@ def score_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def stage_run_of(run_id: str) -> str:
+    """A pipeline (`main`) run id stands for its train_lstm run; any other id is itself
+    (a repeats parent is checked as such: its seed ensemble)."""
+    from mlflow.tracking import MlflowClient
+
+    from mexp.runs import resolve_stage_run
+    if MlflowClient().get_run(run_id).data.tags.get(T + "stage") != "main":
+        return run_id
+    child = resolve_stage_run(run_id, "train_lstm")
+    print(f"evaluate: pipeline run {run_id} -> its train_lstm run {child}")
+    return child
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.checkpoints:
@@ -157,7 +170,7 @@ def main(argv=None) -> int:
     cfg.tracking.uri = args.tracking_uri
     try:
         configure(cfg)
-        report, bad = evaluate(args.run_id)
+        report, bad = evaluate(stage_run_of(args.run_id))
     except (TrackingError, ValueError) as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mexp import cli
 from mexp.config import Config
 from mexp.refit import refit
+from mexp.secrets import redact
 from mexp.serving import MERModel, signature
 from mexp.tracking import T, LineageError, check_run, configure, stage_run
 
@@ -46,8 +47,14 @@ def source(run_id: str, metric: str):
     try:
         run = MlflowClient().get_run(run_id)
     except MlflowException:
-        raise LineageError(f"promote.run_id {run_id!r} not found on {mlflow.get_tracking_uri()}") from None
+        raise LineageError(f"promote.run_id {run_id!r} not found on "
+                           f"{redact(mlflow.get_tracking_uri())}") from None
     stage = run.data.tags.get(T + "stage")
+    if stage == "main":                         # a pipeline: promote its train_lstm run
+        from mexp.runs import resolve_stage_run
+        child = resolve_stage_run(run_id, "train_lstm")
+        log.info("pipeline run %s: promoting its train_lstm run %s", run_id, child)
+        return source(child, metric)
     if stage == "hpo":
         check_run(run_id, "hpo")
         best = run.data.tags.get(T + "best_run_id")

@@ -72,6 +72,10 @@ def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys):
     # local output folders of the original toolkit
     assert (cfg.output.dir and (__import__("pathlib").Path(cfg.output.dir) / "features" /
                                 "fold=k0.npy").is_file())
+    from mexp import evaluate                  # a pipeline id stands for its train_lstm run
+    assert evaluate.main(["--run-id", out["run_id"]]) == 0
+    assert f"pipeline run {out['run_id']} -> its train_lstm run {lstm.info.run_id}" in \
+        capsys.readouterr().out
     again = pipeline.main(cfg)
     assert [again[k] for k in ("cnn_run_id", "features_run_id", "lstm_run_id")] == \
         [out[k] for k in ("cnn_run_id", "features_run_id", "lstm_run_id")]
