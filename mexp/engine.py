@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from mexp.progress import progress
 
 from mexp.metrics import scores
 
@@ -100,8 +100,11 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
         augment=None, seed: int = 0, desc: str = "epochs") -> FitResult:
     """Train for `tcfg.epochs`; keep the epoch with the lowest validation loss when a
     validation split exists (early stopping after `tcfg.early_stopping` epochs without
-    improvement, if set), else the final epoch."""
+    improvement, if set), else the final epoch. A closed-form model (one with `fit_numpy`,
+    e.g. the scikit-learn members) is fitted once instead: `fit_closed_form`."""
     device = resolve_device(tcfg.device)
+    if hasattr(model, "fit_numpy"):
+        return fit_closed_form(model, train, val, tcfg, num_classes, to_input, seed, device)
     model.to(device)
     rng = np.random.default_rng(seed)
     x, y = train
@@ -110,7 +113,7 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
     opt = make_optimizer(model, tcfg)
     res = FitResult(selected_on="validation" if val is not None and len(val[1]) else "final")
     best, stale = float("inf"), 0
-    bar = tqdm(range(1, tcfg.epochs + 1), desc=desc, unit="ep", leave=False,
+    bar = progress(range(1, tcfg.epochs + 1), desc=desc, unit="ep", leave=False,
                disable=not SHOW_PROGRESS)
     for epoch in bar:
         row = {"epoch": epoch, "train/loss": train_one_epoch(
@@ -131,3 +134,28 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
         res.best_epoch, res.state = len(res.history), copy.deepcopy(model.state_dict())
     model.load_state_dict(res.state)
     return res
+
+
+def _as_array(x: np.ndarray, to_input: Batch, batch_size: int) -> np.ndarray:
+    """The model's input for every sample, as one float array: (N, ...)."""
+    return np.concatenate([to_input(x[i:i + batch_size]).numpy()
+                           for i in range(0, len(x), batch_size)])
+
+
+def fit_closed_form(model, train: tuple, val: tuple | None, tcfg, num_classes: int,
+                    to_input: Batch, seed: int, device) -> FitResult:
+    """One fit on all of `train` (no epochs, no augmentation; `tcfg.class_weighted` gives the
+    nets' inverse-frequency weights). Nothing is selected: the validation split, if any, is
+    only scored. The FitResult has best_epoch 0 and one history row (epoch 0) holding the
+    training loss, and the validation scores if there is a split."""
+    x, y = train
+    weight = class_weights(y, num_classes).numpy() if tcfg.class_weighted else None
+    model.fit_numpy(_as_array(x, to_input, tcfg.batch_size), y, weight, seed=seed)
+    model.to(device)
+    train_scores = evaluate(model, x, y, to_input, tcfg.batch_size, device, num_classes)
+    row = {"epoch": 0, "train/loss": train_scores["loss"]}
+    if val is not None and len(val[1]):
+        row.update({f"val/{k}": v for k, v in evaluate(
+            model, val[0], val[1], to_input, tcfg.batch_size, device, num_classes).items()})
+    return FitResult(history=[row], best_epoch=0, selected_on="final",
+                     state=copy.deepcopy(model.state_dict()))

@@ -11,6 +11,11 @@ INPUTS = {
     "roi_transformer": lambda: torch.randn(2, 16, 14),
     "ststnet": lambda: torch.randn(2, 3, 28, 28),
     "ststnet_original": lambda: torch.randn(2, 3, 28, 28),
+    "off_apexnet": lambda: torch.randn(2, 3, 28, 28),
+    "sssnet": lambda: torch.randn(2, 3, 28, 28),
+    "dual_inception": lambda: torch.randn(2, 3, 28, 28),
+    "logreg": lambda: torch.randn(2, 3, 28, 28),       # unfitted: uniform scores
+    "svm_rbf": lambda: torch.randn(2, 3, 28, 28),
 }
 
 
@@ -51,7 +56,9 @@ def test_ststnet_has_the_published_shape():
 
 
 def test_registry_errors_list_the_known_models():
-    with pytest.raises(ValueError, match="known models: cnn, cnn_lstm, flow_cnn, lstm, roi_transformer, ststnet"):
+    known = ("known models: cnn, cnn_lstm, dual_inception, flow_cnn, logreg, lstm, off_apexnet, "
+             "roi_transformer, sssnet, ststnet, ststnet_original, svm_rbf")
+    with pytest.raises(ValueError, match=known):
         create_model("resnet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("cnn")(object)
