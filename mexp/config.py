@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mexp.stages import searchable
+
 
 class ConfigError(ValueError):
     """A configuration file, key or value is invalid."""
@@ -347,6 +349,15 @@ def parse_overrides(overrides: str | list[str] | None) -> dict:
     return out
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: line, column and the problem."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    ctx = getattr(e, "context", None)
+    return f"{where}{what}" + (f" ({ctx})" if ctx else "")
+
+
 def load_config(path: str | Path | None = None, overrides: str | list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Defaults <- `base` (a stage's own delta) <- YAML file <- overrides."""
@@ -360,7 +371,7 @@ def load_config(path: str | Path | None = None, overrides: str | list[str] | Non
         try:
             delta = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
         apply_dict(cfg, delta, source=f"{p}: ")
     apply_dict(cfg, parse_overrides(overrides), source="override: ")
     validate(cfg)
@@ -368,6 +379,7 @@ def load_config(path: str | Path | None = None, overrides: str | list[str] | Non
 
 
 _CHOICES = {
+    "data.dataset": ("casme2", "samm", "smic", "casme3", "dfme", "megc2019_flow28"),
     "data.color": ("gray", "rgb"),
     "data.label_map": ("casme2_7", "megc_4", "megc2019_3"),
     "data.frames": ("apex", "all"),
@@ -376,7 +388,7 @@ _CHOICES = {
     "flow.method": ("tvl1", "farneback", "dis"),
     "flow.face": ("full", "haar", "landmarks"),
     "flow.no_face": ("error", "skip"),
-    "hpo.stage": ("train_lstm", "train_cnn_lstm", "train_roi", "train_cnn"),
+    "hpo.stage": searchable(),                 # from the stage table
     "hpo.sampler": ("tpe", "random"),
     "hpo.pruner": ("median", "hyperband", "none"),
     "hpo.metric": ("uf1", "uar", "accuracy"),

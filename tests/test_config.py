@@ -107,3 +107,20 @@ def test_shipped_configs_hold_only_what_differs_from_the_defaults(path):
     delta = flatten(yaml.safe_load((ROOT / "configs" / path).read_text()) or {})
     same = [k for k, v in delta.items() if k in default and default[k] == v]
     assert not same, f"{path} restates defaults: {same}"
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("training:\n  epochs: 3\n lr: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and "line 3, column 2" in msg
+
+
+def test_dataset_choices_are_the_loaders():
+    from mexp.config import _CHOICES
+    from mexp.data.datasets import FLOW28, FRAME_DATASETS
+    assert set(_CHOICES["data.dataset"]) == {*FRAME_DATASETS, FLOW28}
+    with pytest.raises(ConfigError, match="data.dataset"):
+        load_config(None, ["data.dataset=nosuch"])
