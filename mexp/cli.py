@@ -56,6 +56,8 @@ def run(main: Callable[[Config], dict], description: str, base: dict | None = No
         except (ConfigError, ValueError, FileNotFoundError, TrackingError) as e:
             _exit(e)
         except Exception as e:
+            if type(e).__name__ == "StudyError":   # hpo: no completed trial (reason in the line)
+                _exit(e)
             lost = server_lost(e, tracking_uri(cfg) if cfg is not None else mlflow.get_tracking_uri())
             if lost is None:
                 sys.stderr.write(redact(traceback.format_exc()))

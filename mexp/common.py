@@ -14,6 +14,7 @@ import torch
 from mexp.config import Config
 from mexp.cv import FoldPlan, FoldPlanError, check_plan, make_plan
 from mexp.secrets import redact
+from mexp.stages import promotable
 from mexp.tracking import T, ResumeError, download, upstream_note
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def out_dir(cfg: Config) -> Path | None:
     return Path(cfg.output.dir) if cfg.output.local else None
 
 
-PROMOTABLE = ("train_cnn", "train_lstm", "train_cnn_lstm")
+PROMOTABLE = promotable()                   # from the stage table
 
 
 def where_to_look(run_id: str) -> str:

@@ -140,6 +140,9 @@ class HPOConfig:
     study_name: str = ""             # empty: derived from the stage and config digest
     storage: str = ""                # Optuna RDB URL; empty: sqlite file beside the tracking store
     n_workers: int = _neutral(1)     # worker processes on the same study
+    heartbeat_interval: int = _neutral(60)   # seconds between a running trial's heartbeats
+    grace_period: int = _neutral(0)  # silence after which a trial's worker is dead; 0: 2 x heartbeat
+    max_failures: int = _neutral(0)  # a worker stops after this many failed trials; 0: hpo.trials
     seed: int = 0
 
 
@@ -415,6 +418,13 @@ def _check_numbers(flat: dict) -> None:
                 "synth.noise", "synth.jitter", "synth.amplitude_jitter", "synth.illumination"):
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")
+    if flat["hpo.heartbeat_interval"] < 1 or flat["hpo.max_failures"] < 0:
+        bad = "hpo.heartbeat_interval" if flat["hpo.heartbeat_interval"] < 1 else "hpo.max_failures"
+        raise ConfigError(f"config key '{bad}' must be >= {1 if 'heart' in bad else 0}, got {flat[bad]}")
+    if flat["hpo.grace_period"] and flat["hpo.grace_period"] <= flat["hpo.heartbeat_interval"]:
+        raise ConfigError("config key 'hpo.grace_period' must be 0 or more than "
+                          f"hpo.heartbeat_interval ({flat['hpo.heartbeat_interval']}), "
+                          f"got {flat['hpo.grace_period']}")
     if flat["hpo.n_workers"] < 1 or flat["repeats"] < 1:
         bad = "hpo.n_workers" if flat["hpo.n_workers"] < 1 else "repeats"
         raise ConfigError(f"config key '{bad}' must be >= 1, got {flat[bad]}")

@@ -30,6 +30,7 @@ from mexp import plots
 from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
 from mexp.data.paths import safe_name
 from mexp.fold_pool import fold_outputs
+from mexp.logged_models import create_fold_model
 from mexp.engine import FitResult, fit, predict_proba, resolve_device, set_seed
 from mexp.metrics import breakdown, confusion, scores
 from mexp.tracking import T, log_history
@@ -55,6 +56,7 @@ class FoldOutput:
     fit: FitResult
     fit_ids: list[str]           # samples the model's weights were fitted on
     select_ids: list[str]        # samples the epoch was selected on (validation subjects)
+    example: np.ndarray | None = None   # one input batch (1, ...) as the network takes it
 
 
 def fit_and_score(cfg, k: int, fold: Fold, make_model: Callable, train: tuple, val: tuple,
@@ -69,7 +71,8 @@ def fit_and_score(cfg, k: int, fold: Fold, make_model: Callable, train: tuple, v
     probs = predict_proba(model, x_test, to_input, cfg.training.batch_size,
                           resolve_device(cfg.training.device))
     test_ids, fit_ids, select_ids = ids
-    return FoldOutput(list(test_ids), probs, res, list(fit_ids), list(select_ids))
+    example = to_input(x_test[:1]).cpu().numpy()         # the fold LoggedModel's input example
+    return FoldOutput(list(test_ids), probs, res, list(fit_ids), list(select_ids), example)
 
 
 def assert_no_leak(fold: Fold, out: FoldOutput, subject_of: dict) -> None:
@@ -144,16 +147,20 @@ class FoldLogger:
                                  T + "stage": f"{self.stage}:fold", T + "fold": fold.name})
         rid = run.info.run_id
         log_history(rid, out.fit.history)
+        model_id, link = create_fold_model(c, run, self.parent, self.stage, fold.name, out,
+                                           self.classes)      # a LoggedModel, metrics linked
         now = int(time.time() * 1000)
-        c.log_batch(rid, metrics=[Metric(f"test/{k}", float(v), now, 0) for k, v in s.items()]
-                    + [Metric("best_epoch", float(out.fit.best_epoch), now, 0)])
+        c.log_batch(rid, metrics=[Metric(f"test/{k}", float(v), now, 0, **link)
+                                  for k, v in s.items()]
+                    + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
         c.log_dict(rid, {"classes": self.classes, "matrix": cm.tolist()}, "confusion_matrix.json")
         c.log_figure(rid, plots.confusion_figure(cm, self.classes, f"fold {fold.name}"),
                      "confusion_matrix.png")
         with tempfile.TemporaryDirectory() as d:
             torch.save(out.fit.state, Path(d) / "model.pth")
             pd.DataFrame(out.fit.history).to_csv(Path(d) / "training_log.csv", index=False)
-            c.log_artifacts(rid, d)
+            c.log_artifacts(rid, d)        # model.pth here too: extract_features and refit read it
+        c.finalize_logged_model(model_id, "READY")
         c.set_terminated(rid, "FINISHED")
         if self.out_dir is not None:
             fd = self.out_dir / f"fold_{safe_name(fold.name)}"   # casme2/sub01: one folder

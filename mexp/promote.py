@@ -20,14 +20,17 @@ from mlflow.tracking import MlflowClient
 
 from mexp import cli
 from mexp.config import Config
+from mexp.logged_models import model_name
 from mexp.refit import refit
 from mexp.secrets import redact
-from mexp.serving import MERModel, signature
+from mexp.serving import signature
+from mexp.stages import check_promotable
 from mexp.tracking import T, LineageError, check_run, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "promote"
 PKG = Path(__file__).resolve().parent
+MODEL_CODE = PKG / "serving_model.py"       # models from code: no pickled python_model
 REQUIREMENTS = ("torch", "numpy", "pandas", "opencv-contrib-python-headless", "pyyaml",
                 "scikit-learn", "mlflow", "tqdm", "openpyxl")
 
@@ -62,7 +65,9 @@ def source(run_id: str, metric: str):
             raise LineageError(f"hpo run {run_id} has no completed trial to promote")
         if f"best/{metric}" not in run.data.metrics:
             raise LineageError(f"hpo run {run_id} did not optimise {metric} (no best/{metric})")
+        check_promotable(run.data.tags[T + "hpo_stage"], f"{best} (best trial of hpo run {run_id})")
         return MlflowClient().get_run(best), run.data.tags[T + "hpo_stage"], run.data.metrics[f"best/{metric}"]
+    check_promotable(stage or "?", run_id)
     check_run(run_id, stage or "?")
     key = f"test/{metric}"
     if key not in run.data.metrics:
@@ -79,15 +84,30 @@ def champion(client: MlflowClient, name: str, metric: str):
     return mv, float(mv.tags.get(f"mexp.cv_{metric}", "nan"))
 
 
-def log_and_register(bundle, name: str) -> object:
+def log_and_register(bundle, name: str, params: dict | None = None,
+                     metrics: dict | None = None) -> object:
+    """Log the pyfunc from code (`serving_model.py`, the class shipped in code_paths) with its
+    signature and input example as a LoggedModel of the active run, link `metrics` (the source
+    run's cross-validated scores) to it, and register it as a new version of `name`."""
     with tempfile.TemporaryDirectory() as d:
         path = bundle.save(Path(d) / "bundle")
         sig, example = signature(bundle.kind, bundle.classes)
-        info = mlflow.pyfunc.log_model(name="model", python_model=MERModel(),
+        info = mlflow.pyfunc.log_model(name=model_name(name), python_model=str(MODEL_CODE),
                                        artifacts={"bundle": str(path)}, code_paths=[str(PKG)],
                                        signature=sig, input_example=example,
-                                       pip_requirements=pinned())
+                                       pip_requirements=pinned(), model_type="mexp-promoted",
+                                       params={"kind": bundle.kind, **(params or {})})
+    if metrics:
+        mlflow.log_metrics(metrics, model_id=info.model_id)
     return mlflow.register_model(info.model_uri, name)
+
+
+def cv_metrics(train_run, metric: str, score: float) -> dict:
+    """The source run's cross-validated scores, as `cv/*` metrics of the promoted model (it is
+    refitted on every subject: these estimate it, they were not measured on it)."""
+    m = {f"cv/{k.split('/', 1)[1]}": v for k, v in train_run.data.metrics.items()
+         if k in ("test/uf1", "test/uar", "test/accuracy")}
+    return m | {f"cv/{metric}": float(score)}
 
 
 def main(cfg: Config) -> dict:
@@ -109,7 +129,10 @@ def main(cfg: Config) -> dict:
     tags = {T + "source_run_id": p.run_id, T + "train_run_id": train_run.info.run_id}
     with stage_run(cfg, STAGE, tags=tags) as run:
         bundle = refit(train_run, stage)                 # raises before anything is registered
-        mv = log_and_register(bundle, name)
+        mv = log_and_register(bundle, name, metrics=cv_metrics(train_run, p.metric, score),
+                              params={"stage": STAGE, "source_stage": stage,
+                                      "source_run_id": p.run_id,
+                                      "train_run_id": train_run.info.run_id})
         vt = {f"mexp.cv_{p.metric}": repr(float(score)), "mexp.source_run_id": p.run_id,
               "mexp.train_run_id": train_run.info.run_id, "mexp.promote_run_id": run.info.run_id,
               "mexp.kind": bundle.kind,

@@ -124,7 +124,9 @@ def _cfg(path):
 
 
 class MERModel(mlflow.pyfunc.PythonModel):
-    """Artifacts: `bundle/` with meta.json (kind, classes), config.yaml and the .pth weights."""
+    """Artifacts: `bundle/` with meta.json (kind, classes), config.yaml and the .pth weights.
+    Logged from code (`mexp/serving_model.py` ends with `set_model(MERModel())`), never
+    pickled: loading the model imports this class and reads only weights and text files."""
 
     def load_context(self, context):
         self.load(Path(context.artifacts["bundle"]))

@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from mexp import __version__
 from mexp.config import Config, differences, flatten, upstream_keys
+from mexp.logged_models import system_metrics
+from mexp.stages import STAGES
 from mexp.secrets import install_log_filter, redact, redact_tree, redact_value
 
 log = logging.getLogger(__name__)
@@ -167,10 +169,11 @@ def stage_run(cfg: Config, stage: str, run_name: str | None = None, tags: dict |
         return
     if resume_run_id:
         prior = check_resume(cfg, check_run(resume_run_id, stage, finished=False), tags)
-        run = mlflow.start_run(run_id=resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics())
     else:
         prior = ""
-        run = mlflow.start_run(run_name=run_name or stage, nested=mlflow.active_run() is not None)
+        run = mlflow.start_run(run_name=run_name or stage, nested=mlflow.active_run() is not None,
+                               log_system_metrics=system_metrics())   # MEXP_SYSTEM_METRICS=0: off
     try:
         if prior:
             mlflow.set_tag(T + "resumed", "true")   # config, params and tags stay the first run's
@@ -222,19 +225,33 @@ def check_resume(cfg: Config, run, tags: dict | None) -> str:
     return run.info.status
 
 
+def terminate_tree(client: MlflowClient, run_id: str, status: str = "KILLED",
+                   _why: str = "found dead", root: bool = True) -> list[str]:
+    """End every RUNNING run under `run_id` (children first, recursively through
+    mlflow.parentRunId, every page) and the run itself with `status`, tagged
+    `mexp.terminated`; the ids it ended. For runs whose process is gone. `root=False`
+    leaves the run itself alone (a resumed run's own status is its new process's)."""
+    run = client.get_run(run_id)
+    ended, token = [], None
+    while True:
+        page = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'", page_token=token)
+        for child in page:
+            ended += terminate_tree(client, child.info.run_id, status, "parent found dead")
+        token = page.token
+        if not token:
+            break
+    if root and run.info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+        client.set_tag(run_id, T + "terminated", _why)
+        ended.append(run_id)
+    return ended
+
+
 def terminate_children(parent_id: str, status: str = "KILLED") -> int:
-    """Mark every RUNNING run under `parent_id` (recursively) `status`; their process is gone
-    when the parent is being resumed or found dead. Returns how many were terminated."""
-    client = MlflowClient()
-    exp = client.get_run(parent_id).info.experiment_id
-    n = 0
-    for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'"):
-        n += terminate_children(r.info.run_id, status)
-        if r.info.status == "RUNNING":
-            client.set_terminated(r.info.run_id, status)
-            client.set_tag(r.info.run_id, T + "terminated", "parent found dead")
-            n += 1
-    return n
+    """Every RUNNING run under `parent_id` (not the run itself) ended `status`: their
+    process died with the run's earlier process. How many were ended."""
+    return len(terminate_tree(MlflowClient(), parent_id, status, root=False))
 
 
 def log_history(run_id: str, history: list[dict], prefix: str = "") -> None:
@@ -275,8 +292,7 @@ def _newest_finished(cfg: Config, stage: str, tag: str, value: str):
 
 
 # Config sections an upstream stage's output depends on beyond data.* and the fold plan.
-UPSTREAM_SECTIONS = {"train_cnn": ("stage1",), "extract_features": ("stage1",),
-                     "extract_flow": ("flow",)}
+UPSTREAM_SECTIONS = {n: s.output_sections for n, s in STAGES.items()}   # the stage table
 _UPSTREAM_NOTE: ContextVar[str] = ContextVar("mexp_upstream_note", default="")
 
 

@@ -80,13 +80,22 @@ class AlwaysPrune(optuna.pruners.BasePruner):
         return True
 
 
+def _study_run(client, cfg):
+    exp = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    (run,) = client.search_runs([exp], "tags.`mexp.stage` = 'hpo'")
+    return run
+
+
 def test_pruned_trial_is_tagged_pruned_not_failed(study_cfg, monkeypatch):
-    monkeypatch.setattr(hpo_study, "make_pruner", lambda h: AlwaysPrune())
     monkeypatch.setattr(hpo, "make_pruner", lambda h: AlwaysPrune())
     study_cfg.hpo.trials = 2
-    out = hpo.main(study_cfg)
-    assert out["pruned"] == 2 and out["failed"] == 0
-    for r in _trial_runs(MlflowClient(), out["run_id"]):
+    with pytest.raises(hpo.StudyError, match="every trial was pruned"):   # no best trial
+        hpo.main(study_cfg)
+    study_run = _study_run(MlflowClient(), study_cfg)
+    assert study_run.info.status == "FAILED"
+    assert study_run.data.metrics["trials/pruned"] == 2
+    assert study_run.data.metrics["trials/failed"] == 0
+    for r in _trial_runs(MlflowClient(), study_run.info.run_id):
         assert r.data.tags["mexp.trial_state"] == "PRUNED" and r.info.status == "KILLED"
         assert len(_trial_runs(MlflowClient(), r.info.run_id)) == 1   # stopped after fold 0
 
@@ -94,9 +103,11 @@ def test_pruned_trial_is_tagged_pruned_not_failed(study_cfg, monkeypatch):
 def test_failed_trial_is_tagged_with_its_error_and_the_study_goes_on(study_cfg):
     study_cfg.hpo.trials = 2
     study_cfg.hpo.space = {"model.num_layers": {"type": "categorical", "choices": [0]}}
-    out = hpo.main(study_cfg)
-    assert out["failed"] == 2 and out["complete"] == 0
-    for r in _trial_runs(MlflowClient(), out["run_id"]):
+    with pytest.raises(hpo.StudyError, match="0 pruned, 2 failed"):     # up to max_failures
+        hpo.main(study_cfg)
+    study_run = _study_run(MlflowClient(), study_cfg)
+    assert study_run.info.status == "FAILED"
+    for r in _trial_runs(MlflowClient(), study_run.info.run_id):
         assert r.info.status == "FAILED" and r.data.tags["mexp.trial_state"] == "FAILED"
         assert "num_layers" in r.data.tags["mexp.error"] or r.data.tags["mexp.error"]
 
@@ -129,6 +140,7 @@ def test_killed_study_resumes_to_exactly_n_trials(study_cfg, tracking, tmp_path)
     assert proc.poll() is None, "the study ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    study_cfg.hpo.heartbeat_interval, study_cfg.hpo.grace_period = 1, 3   # dead found in 3 s
     out = hpo.main(study_cfg)                             # same name: load and resume
     out["storage"] = storage
     _check_one_run_per_trial(MlflowClient(), out, 4)
