@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -89,17 +90,24 @@ def log_and_register(bundle, name: str, params: dict | None = None,
     """Log the pyfunc from code (`serving_model.py`, the class shipped in code_paths) with its
     signature and input example as a LoggedModel of the active run, link `metrics` (the source
     run's cross-validated scores) to it, and register it as a new version of `name`."""
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         path = bundle.save(Path(d) / "bundle")
+        log.info("logging model %s (%s) with its bundle and code to %s", model_name(name),
+                 bundle.kind, redact(mlflow.get_tracking_uri()))
         sig, example = signature(bundle.kind, bundle.classes)
         info = mlflow.pyfunc.log_model(name=model_name(name), python_model=str(MODEL_CODE),
                                        artifacts={"bundle": str(path)}, code_paths=[str(PKG)],
                                        signature=sig, input_example=example,
                                        pip_requirements=pinned(), model_type="mexp-promoted",
                                        params={"kind": bundle.kind, **(params or {})})
+    log.info("logged model %s in %.1f s", info.model_id, time.perf_counter() - t0)
     if metrics:
         mlflow.log_metrics(metrics, model_id=info.model_id)
-    return mlflow.register_model(info.model_uri, name)
+    log.info("registering %s as a new version of %s", info.model_uri, name)
+    mv = mlflow.register_model(info.model_uri, name)
+    log.info("registered %s v%s", name, mv.version)
+    return mv
 
 
 def cv_metrics(train_run, metric: str, score: float) -> dict:
@@ -128,7 +136,10 @@ def main(cfg: Config) -> dict:
         return {"dry_run": True, "wins": wins, "score": score, "name": name}
     tags = {T + "source_run_id": p.run_id, T + "train_run_id": train_run.info.run_id}
     with stage_run(cfg, STAGE, tags=tags) as run:
+        log.info("refit started: %s run %s on all subjects", stage, train_run.info.run_id)
+        t0 = time.perf_counter()
         bundle = refit(train_run, stage)                 # raises before anything is registered
+        log.info("refit finished in %.1f s (%s)", time.perf_counter() - t0, bundle.kind)
         mv = log_and_register(bundle, name, metrics=cv_metrics(train_run, p.metric, score),
                               params={"stage": STAGE, "source_stage": stage,
                                       "source_run_id": p.run_id,
@@ -139,6 +150,8 @@ def main(cfg: Config) -> dict:
               "mexp.compared_with": f"v{current.version}" if current else "none",
               f"mexp.champion_{p.metric}": repr(best) if current else "none",
               "mexp.decision": "champion" if wins else "challenger"}
+        log.info("tagging %s v%s and moving aliases (%s)", name, mv.version,
+                 "champion" if wins else "challenger")
         for k, v in vt.items():
             client.set_model_version_tag(name, mv.version, k, v)
         client.set_registered_model_alias(name, "challenger", mv.version)

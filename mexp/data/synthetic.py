@@ -8,8 +8,10 @@ identity says nothing about the label. Everything is deterministic from the seed
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -239,6 +241,44 @@ def write_sheet(specs: list[ClipSpec], path: Path) -> None:
     tmp.replace(path)
 
 
+META_NAME = "synthetic_meta.json"
+
+
+def settings(cfg) -> dict:
+    """The settings that decide the data set's content: all of `synth` except where it goes."""
+    d = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
+    d.pop("out", None)
+    return d
+
+
+def settings_digest(d: dict) -> str:
+    """sha256 (16 hex) of a `settings` dict."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def existing(root: str | Path) -> dict | None:
+    """The meta of a finished data set at `root` (written last by `generate`), or None."""
+    try:
+        return json.loads((Path(root) / META_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_previous(root: Path, meta: dict) -> None:
+    """Delete what an earlier `generate` wrote (its subject folders, sheet, meta), nothing else,
+    so a smaller new set does not keep stale clips from the old one."""
+    for sub in sorted({c["subject"] for c in meta.get("clips", [])}):
+        shutil.rmtree(root / f"sub{sub}", ignore_errors=True)
+    for name in (SHEET_NAME, META_NAME):
+        (root / name).unlink(missing_ok=True)
+
+
+def summarize(root: Path, subjects: int, frames: int, specs: list[dict]) -> dict:
+    counts = {e: sum(c["emotion"] == e for c in specs) for e in EMOTIONS}
+    return {"root": str(root), "sheet": str(root / SHEET_NAME), "subjects": subjects,
+            "clips": len(specs), "frames": len(specs) * frames, "emotions": counts}
+
+
 def generate(cfg, out: str | Path | None = None) -> dict:
     """Write the dataset under `out` (default cfg.out); return a summary dict."""
     root = Path(out or cfg.out)
@@ -262,9 +302,8 @@ def generate(cfg, out: str | Path | None = None) -> dict:
             cv2.imwrite(str(d / f"img{c.first + i}.jpg"), f, params)
     write_sheet(specs, root / SHEET_NAME)
     meta = {"config": asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg),
+            "digest": settings_digest(settings(cfg)),
             "clips": [asdict(c) for c in specs],
             "landmarks": [{k: list(v) for k, v in f.landmarks.items()} for f in faces]}
-    (root / "synthetic_meta.json").write_text(json.dumps(meta, indent=1))
-    counts = {e: sum(c.emotion == e for c in specs) for e in EMOTIONS}
-    return {"root": str(root), "sheet": str(root / SHEET_NAME), "subjects": cfg.subjects,
-            "clips": len(specs), "frames": len(specs) * cfg.frames, "emotions": counts}
+    (root / META_NAME).write_text(json.dumps(meta, indent=1))
+    return summarize(root, cfg.subjects, cfg.frames, meta["clips"])
