@@ -48,7 +48,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 # MLproject entry points that are commands, not stages of the cross-validation workflow.
 COMMANDS = ("main", "synthesize", "hpo", "hpo_train", "promote", "runs", "report")
 # Commands run as modules only (their arguments are not a config): `python -m mexp.<name>`.
-TOOLS = ("evaluate", "sheets")
+TOOLS = ("evaluate", "sheets", "compare")
 
 
 def stage(name: str) -> Stage:
