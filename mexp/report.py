@@ -1,9 +1,14 @@
-"""One self-contained HTML page that compares runs: scores, per-database scores, confusion
-matrices, per-subject plots, and a paired test when two runs predicted the same samples.
+"""One self-contained HTML page that compares runs: scores with subject-bootstrap 95% intervals
+(pooled and per database), seeds, protocol, leak/oracle flags, a runs x subjects accuracy
+heatmap, confusion matrices, learning curves, per-subject plots, and a paired test when two
+runs predicted the same samples.
 
     python -m mexp.report [--experiment mexp | --runs id1,id2,...] [--out report.html] [--log-to-run]
 
 Inline CSS and script, images as base64 data URIs: the file opens offline and can be mailed.
+Intervals resample the subjects of a run's predictions.csv (`mexp.report_parts`, which also holds
+the paired test); a logged score that is not the point those predictions give (a repeats
+parent's mean, against its ensemble) is shown before it.
 Pipeline (`main`) runs show their train_lstm run's plots; repeats parents their seed ensemble's.
 With two runs whose `predictions.csv` hold the same sample ids it adds McNemar's exact test on
 per-sample correctness and the UF1 difference. `--log-to-run` logs the page as `report.html`
@@ -15,7 +20,6 @@ import argparse
 import base64
 import html
 import logging
-import math
 import sys
 import tempfile
 from datetime import datetime
@@ -26,15 +30,16 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from mexp import report_parts as parts
+from mexp.report_parts import paired
 from mexp import runs as finder
 from mexp.config import ConfigError
-from mexp.metrics import scores as score
 from mexp.secrets import redact, redacted_output
 from mexp.tracking import T, LineageError, TrackingError, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 IMAGES = (("confusion matrix", ("confusion_matrix.png", "ensemble_confusion_matrix.png")),
-          ("per subject", ("per_subject.png",)))
+          ("learning curve", ("learning_curve.png",)), ("per subject", ("per_subject.png",)))
 PREDICTIONS = ("predictions.csv", "ensemble_predictions.csv")
 
 
@@ -56,18 +61,31 @@ def _fetch(run_id: str, names: tuple[str, ...], have: set[str], d: str) -> Path 
     return None
 
 
+def _describe(r: dict, tags: dict, params: dict) -> None:
+    """Protocol, flags and seed of a row, from the tags and params of the run (or its donor)."""
+    for key in ("data_digest", "dataset", "model"):
+        r[key] = r[key] or tags.get(T + key, "")
+    method, folds = tags.get(T + "cv_method", ""), params.get("training.cv_folds", "")
+    r["protocol"] = f"{method} ({folds} folds)" if method == "StratifiedGroupKFold" and folds \
+        else method
+    r["leak"] = r["leak"] or tags.get(T + "leak") == "true"
+    r["oracle"] = r["kind"] == "oracle" or tags.get(T + "oracle") == "true"
+    r["seed"] = params.get("training.seed", "")
+
+
 def gather(client: MlflowClient, run) -> dict:
-    """A report row: the run's record (mexp.runs.row), its images and predictions."""
+    """A report row: the run's record (mexp.runs.row), protocol and flags, images, predictions."""
     r = finder.row(run)
     src = r["source"] = _source(client, r)
     seeds = [s for s in run.data.tags.get(T + "repeat_run_ids", "").split(",") if s]
     donor = seeds[0] if seeds else src          # a repeats parent or a pipeline: data tags
-    if donor != r["run_id"] and not (r["data_digest"] and r["model"]):   # are on its stage runs
-        tags = client.get_run(donor).data.tags
-        for key in ("data_digest", "dataset", "model"):
-            r[key] = r[key] or tags.get(T + key, "")
+    tags, params = run.data.tags, run.data.params               # are on its stage runs
+    if donor != r["run_id"]:
+        d = client.get_run(donor).data
+        tags, params = {**d.tags, **tags}, {**d.params, **params}
+    _describe(r, tags, params)
     have = {a.path for a in client.list_artifacts(src)}
-    r["images"], r["pred"] = {}, None
+    r["images"], r["pred"], r["pred_file"] = {}, None, ""
     with tempfile.TemporaryDirectory() as d:
         for title, names in IMAGES:
             p = _fetch(src, names, have, d)
@@ -75,41 +93,8 @@ def gather(client: MlflowClient, run) -> dict:
                 r["images"][title] = base64.b64encode(p.read_bytes()).decode("ascii")
         p = _fetch(src, PREDICTIONS, have, d)
         if p is not None:
-            r["pred"] = pd.read_csv(p)
+            r["pred"], r["pred_file"] = pd.read_csv(p), p.name
     return r
-
-
-def mcnemar(a_right: np.ndarray, b_right: np.ndarray) -> tuple[int, int, float]:
-    """(A right & B wrong, A wrong & B right, two-sided exact McNemar p-value)."""
-    b, c = int(np.sum(a_right & ~b_right)), int(np.sum(~a_right & b_right))
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return b, c, 1.0
-    try:
-        from scipy.stats import binomtest
-        return b, c, float(binomtest(k, n, 0.5).pvalue)
-    except ImportError:                 # the binomial tail by hand: 2 P(X <= k), X ~ Bin(n, 1/2)
-        return b, c, min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
-def paired(a: dict, b: dict) -> str:
-    """The paired comparison line for two report rows, or why there is none."""
-    if a["pred"] is None or b["pred"] is None:
-        return "no paired comparison: both runs need predictions.csv"
-    pa, pb = (r["pred"].set_index("sample_id").sort_index() for r in (a, b))
-    if set(pa.index) != set(pb.index):
-        return (f"no paired comparison: the runs predicted different samples "
-                f"({len(set(pa.index) & set(pb.index))} shared of {len(pa)} and {len(pb)})")
-    pb = pb.loc[pa.index]
-    if not (pa["label"].to_numpy() == pb["label"].to_numpy()).all():
-        return "no paired comparison: the runs disagree on the samples' labels"
-    y, n_cls = pa["label"].to_numpy(int), sum(c.startswith("prob_") for c in pa.columns)
-    ua, ub = (score(y, p["pred"].to_numpy(int), n_cls)["uf1"] for p in (pa, pb))
-    only_a, only_b, pval = mcnemar(pa["pred"].to_numpy() == y, pb["pred"].to_numpy() == y)
-    ia, ib = finder.short(a["run_id"]), finder.short(b["run_id"])
-    return (f"paired on {len(y)} samples: {ia} right & {ib} wrong {only_a}, {ia} wrong & {ib} "
-            f"right {only_b}; McNemar exact p = {pval:.4f}; UF1 {ia} - {ib} = {ua - ub:+.4f} "
-            f"({ua:.4f} vs {ub:.4f})")
 
 
 CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
@@ -118,6 +103,7 @@ th{background:#eef;cursor:pointer;user-select:none}th:after{content:" \\2195";co
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even){background:#f8f8fb}
 code{font-size:12px}section{border-top:1px solid #ddd;margin-top:16px}
 figure{display:inline-block;vertical-align:top;margin:8px 16px 8px 0}img{max-width:560px;border:1px solid #ddd}
+img.wide{max-width:100%}details{margin:4px 0 16px}
 .meta{color:#666}.paired{background:#ffd;padding:6px 10px;display:inline-block}"""
 SCRIPT = """document.querySelectorAll("table.sortable th").forEach(function(th,i){
 th.addEventListener("click",function(){var tb=th.closest("table").tBodies[0],
@@ -138,39 +124,78 @@ def _cell(text: str, value=None) -> str:
 
 def _seeds(r: dict) -> str:
     if r["kind"] != "repeats":
-        return "-"
+        return f"seed {r['seed']}" if r["seed"] != "" else "-"
     ens = f"; ensemble UF1 {r['ensemble_uf1']:.4f}" if "ensemble_uf1" in r else ""
     return f"{r.get('seeds') or '?'} seeds: UF1 {r['uf1']:.4f} ± {r.get('uf1_sd', 0):.4f}{ens}"
 
 
+def _score(logged, text: str, ci, source: str) -> str:
+    """A score cell: 'point [lo, hi]' from the predictions, after a logged score that differs."""
+    if ci is None:
+        return _cell(text, logged)
+    est = f"{ci[0]:.4f} [{ci[1]:.4f}, {ci[2]:.4f}]"
+    if logged is None or abs(logged - ci[0]) <= 1e-9:
+        return _cell(est, ci[0])
+    return _cell(f"{text}; {'ensemble' if 'ensemble' in source else source} {est}", logged)
+
+
+def _ci(r: dict, db: str = "") -> dict:
+    b = r["boot"] or {}
+    return (b.get("per_db", {}).get(db) if db else b.get("all")) or {}
+
+
 def runs_table(rows: list[dict]) -> str:
-    head = ("run", "stage", "model", "dataset", "data digest", "UF1", "UAR", "accuracy",
-            "seeds (mean ± sd)", "date")
+    head = ("run", "stage", "model", "dataset", "protocol", "flags", "data digest",
+            "UF1 [95% CI]", "UAR [95% CI]", "accuracy", "seeds (mean ± sd)", "date")
     body = []
     for r in rows:
-        rid = html.escape(r["run_id"])
-        cells = [f'<td><a href="#run-{rid}"><code>{rid}</code></a></td>',
-                 _cell(r["stage"] + (" (LEAK)" if r["leak"] else "")), _cell(r["model"] or "-"),
-                 _cell(r["dataset"] or "-"), _cell(r["data_digest"][:12] or "-")]
-        cells += [_cell(finder.score_text(r, k), r.get(k)) for k in finder.KEYS]
-        cells += [_cell(_seeds(r)), _cell(r["start"])]
+        rid, ci = html.escape(r["run_id"]), _ci(r)
+        flags = " ".join(f for f, on in (("LEAK", r["leak"]), ("ORACLE", r["oracle"])) if on)
+        cells = [f'<td><a href="#run-{rid}"><code>{rid}</code></a></td>', _cell(r["stage"]),
+                 _cell(r["model"] or "-"), _cell(r["dataset"] or "-"), _cell(r["protocol"] or "-"),
+                 f'<td class="flags">{flags or "-"}</td>', _cell(r["data_digest"][:12] or "-")]
+        cells += [_score(r.get(k), finder.score_text(r, k), ci.get(k), r["pred_file"])
+                  for k in ("uf1", "uar")]
+        cells += [_cell(finder.score_text(r, "accuracy"), r.get("accuracy")), _cell(_seeds(r)),
+                  _cell(r["start"])]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<table class="sortable" id="runs"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}'
             f"</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
 def db_table(rows: list[dict]) -> str:
-    dbs = sorted({db for r in rows for db in r["per_db"]})
+    dbs = sorted({db for r in rows
+                  for db in (*r["per_db"], *((r["boot"] or {}).get("per_db", {})))})
     if not dbs:
-        return "<p class=meta>no per-database metrics (test/&lt;db&gt;/uf1) on these runs</p>"
-    head = "".join(f"<th>{html.escape(db)} UF1</th><th>{html.escape(db)} UAR</th>" for db in dbs)
+        return "<p class=meta>no per-database scores (test/&lt;db&gt;/uf1, predictions)</p>"
+    head = "".join(f"<th>{html.escape(db)} {k} [95% CI]</th>" for db in dbs for k in ("UF1", "UAR"))
     body = []
     for r in rows:
-        cells = "".join(_cell(f"{s[k]:.4f}" if k in s else "-", s.get(k))
-                        for s in (r["per_db"].get(db, {}) for db in dbs) for k in ("uf1", "uar"))
+        cells = "".join(_score(s.get(k), f"{s[k]:.4f}" if k in s else "-", _ci(r, db).get(k),
+                               r["pred_file"])
+                        for db, s in ((db, r["per_db"].get(db, {})) for db in dbs)
+                        for k in ("uf1", "uar"))
         body.append(f"<tr><td><code>{html.escape(finder.short(r['run_id']))}</code></td>{cells}</tr>")
     return (f'<table class="sortable" id="per-database"><thead><tr><th>run</th>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def subjects_section(rows: list[dict]) -> str:
+    """The runs x subjects accuracy heatmap, with its numbers in a folded table."""
+    acc = {f"{finder.short(r['run_id'])} {r['stage']}": parts.subject_accuracy(r["pred"])
+           for r in rows if r["pred"] is not None}
+    if not acc:
+        return "<p class=meta>no predictions.csv on these runs: no per-subject scores</p>"
+    table = pd.DataFrame(acc).T.sort_index(axis=1)             # (runs, subjects)
+    png = base64.b64encode(parts.heatmap_png(table)).decode("ascii")
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = "".join(f"<tr><td><code>{html.escape(str(run))}</code></td>"
+                   + "".join(_cell("-") if np.isnan(v) else _cell(f"{v:.2f}", v) for v in vals)
+                   + "</tr>" for run, vals in zip(table.index, table.to_numpy(float)))
+    return (f'<img class="wide" id="heatmap" alt="per-subject accuracy, runs x subjects" '
+            f'src="data:image/png;base64,{png}"><details><summary>values</summary>'
+            f'<table class="sortable" id="per-subject"><thead><tr><th>run</th>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></details>")
 
 
 def run_section(r: dict) -> str:
@@ -178,21 +203,23 @@ def run_section(r: dict) -> str:
     src = "" if r["source"] == r["run_id"] else f" (plots of its run {html.escape(r['source'])})"
     figs = "".join(f'<figure><img alt="{t} of run {rid}" src="data:image/png;base64,{b}">'
                    f"<figcaption>{t}</figcaption></figure>" for t, b in r["images"].items())
+    missing = ", ".join(t for t, _ in IMAGES if t not in r["images"])
     return (f'<section id="run-{rid}"><h3>{html.escape(r["stage"])} run <code>{rid}</code>{src}</h3>'
             f'<p class=meta>{html.escape(r["name"])}, started {html.escape(r["start"])}, UF1 '
-            f'{html.escape(finder.score_text(r))}</p>{figs or "<p class=meta>no plots logged</p>"}'
-            "</section>")
+            f'{html.escape(finder.score_text(r))}</p>{figs}'
+            + (f"<p class=meta>not logged: {missing}</p>" if missing else "") + "</section>")
 
 
-def render(rows: list[dict], pair: str, title: str, where: str) -> str:
+def render(rows: list[dict], pair: str, title: str, where: str, note: str = "") -> str:
     now = datetime.now().strftime("%Y-%m-%d %H:%M")
     pair_html = f'<h2>Paired comparison</h2><p class="paired" id="paired">{html.escape(pair)}</p>' \
         if pair else ""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
             f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=meta>{len(rows)} run(s) from {html.escape(where)}; made {now} by "
-            f"<code>python -m mexp.report</code>. Click a column to sort.</p>"
-            f"{runs_table(rows)}<h2>Per database</h2>{db_table(rows)}{pair_html}<h2>Runs</h2>"
+            f"<code>python -m mexp.report</code>. Click a column to sort. {html.escape(note)}</p>"
+            f"{runs_table(rows)}<h2>Per database</h2>{db_table(rows)}{pair_html}"
+            f"<h2>Per subject</h2>{subjects_section(rows)}<h2>Runs</h2>"
             + "".join(run_section(r) for r in rows) + f"<script>{SCRIPT}</script></body></html>")
 
 
@@ -227,9 +254,14 @@ def build(args) -> dict:
         raise ValueError(f"no FINISHED run with scores in experiment '{exp.name}'"
                          + (f" of stage {args.stage}" if args.stage else ""))
     rows = [gather(client, r) for r in found]
+    for r in rows:
+        r["boot"] = None if r["pred"] is None else parts.bootstrap(r["pred"], args.resamples,
+                                                                   args.seed)
     pair = paired(*rows) if len(rows) == 2 else ""
     where = f"experiment '{exp.name}' ({exp.experiment_id}) on {redact(uri)}"
-    text = render(rows, pair, args.title, where)
+    note = (f"[lo, hi]: 95% percentile interval over {args.resamples} resamples of the run's "
+            f"subjects with replacement (seed {args.seed}), from its predictions.")
+    text = render(rows, pair, args.title, where, note)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
@@ -255,6 +287,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=20, help="with --experiment: the newest N runs")
     ap.add_argument("--out", default="report.html")
     ap.add_argument("--title", default="mexp report")
+    ap.add_argument("--resamples", type=int, default=parts.RESAMPLES,
+                    help="subject-bootstrap resamples per interval")
+    ap.add_argument("--seed", type=int, default=parts.SEED, help="seed of the bootstrap draws")
     finder.switch(ap, "--log-to-run", "log report.html on a new run tagged mexp.stage=report")
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--config", default="", help="YAML config (its tracking section is used)")
