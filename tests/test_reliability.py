@@ -132,7 +132,7 @@ def test_config_alone_errors_name_the_key(item, key):
 
 
 def test_bad_config_exits_2_before_any_run_or_store_is_touched(tmp_path):
-    for item in ("model.name=nosuchnet", "training.lr=nan", "training.epochs=-3"):
+    for item in ("model.name=nosuchnet",):         # the others: in-process above
         r = subprocess.run([sys.executable, "-m", "mexp.train_cnn", item], cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
