@@ -118,7 +118,9 @@ def test_lodo_on_the_megc2019_flow_benchmark(tiny_cfg, tracking, shared_data, mo
     c.output.local = False
     c.repeats = 2                                   # seed repeats on the real benchmark too
     out = train_cnn.main(c)
-    assert len(out["repeats"]) == 2 and out["uf1_sd"] >= 0
+    assert len(out["repeats"]) == 2
+    assert out["uf1_sd"] == pytest.approx(np.std([r["uf1"] for r in out["repeats"]], ddof=1))
+    assert out["repeats"][0]["run_id"] != out["repeats"][1]["run_id"]
     first = out["repeats"][0]
     assert first["folds"] == 3 and set(first["per_database"]) == {"casme2", "samm", "smic"}
     report, bad = evaluate.evaluate(first["run_id"])

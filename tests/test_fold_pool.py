@@ -31,8 +31,8 @@ def test_two_workers_reproduce_the_serial_stage(tiny_cfg, tracking, tmp_path):
     cfg.training.num_threads = 1          # the same thread count in both runs
     serial = train_cnn.main(cfg)
     cfg.training.fold_workers = 2
-    cfg.force = True
     parallel = train_cnn.main(cfg)
+    assert parallel["run_id"] != serial["run_id"]
     client = MlflowClient()
     a, b = (client.get_run(r["run_id"]).data for r in (serial, parallel))
     assert b.params["training.fold_workers"] == "2"
