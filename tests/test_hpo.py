@@ -148,6 +148,7 @@ def test_killed_study_resumes_to_exactly_n_trials(study_cfg, tracking, tmp_path)
     assert any(t.state == optuna.trial.TrialState.FAIL for t in s.trials)   # the killed one
 
 
+@pytest.mark.slow      # superseded in `make test` by test_hpo_reliability's three separate processes
 def test_two_worker_processes_on_sqlite(study_cfg):
     study_cfg.hpo.n_workers, study_cfg.hpo.trials = 2, 4
     study_cfg.hpo.study_name = "two-workers"
@@ -157,6 +158,7 @@ def test_two_worker_processes_on_sqlite(study_cfg):
     assert len(_trial_runs(MlflowClient(), out["run_id"])) == 4
 
 
+@pytest.mark.slow
 def test_two_worker_processes_on_postgresql(study_cfg, postgres_url):
     study_cfg.hpo.n_workers, study_cfg.hpo.trials = 2, 4
     study_cfg.hpo.study_name = f"pg-{os.getpid()}-{time.time_ns()}"

@@ -331,12 +331,10 @@ def three_workers_one_killed(cfg, tmp_path, url):
     return parent
 
 
-@pytest.mark.slow          # ~120 s on a loaded 2-core machine (3 imports of torch + mlflow)
 def test_three_processes_one_killed_on_sqlite(cfg, tmp_path):
     three_workers_one_killed(cfg, tmp_path, hpo_study.storage_url(cfg))
 
 
-@pytest.mark.slow
 def test_three_processes_one_killed_on_postgresql(cfg, tmp_path, postgres_url):
     cfg.hpo.storage = postgres_url
     parent = three_workers_one_killed(cfg, tmp_path, postgres_url)
