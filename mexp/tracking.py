@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mexp import __version__
 from mexp.config import Config, differences, flatten, upstream_keys
 from mexp.logged_models import system_metrics
+from mexp.progress import interactive
 from mexp.stages import STAGES
 from mexp.secrets import install_log_filter, redact, redact_tree, redact_value
 
@@ -53,6 +54,8 @@ def configure(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     install_log_filter()                        # log records of this process are redacted
+    if not interactive():                       # MLflow's own download bars: escapes in a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if redact(uri) != uri:                      # MLflow's "View run at <url>" would print it
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
