@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,38 @@ def tiny_cfg(synth_root, tmp_path) -> Config:
     cfg.data.cache_dir = str(tmp_path / "cache")
     cfg.output.dir = str(tmp_path / "out")
     return cfg
+
+
+@pytest.fixture
+def stage_cfg(tiny_cfg, tracking) -> Config:
+    """The tiny config the stage tests share: diff input, 6 frames, 3 folds, 2 epochs."""
+    c = tiny_cfg
+    c.data.input = "diff"
+    c.data.sequence_length = 6
+    c.training.epochs = 2
+    c.training.batch_size = 16
+    c.training.cv_folds = 3
+    c.training.val_fraction = 0.25
+    c.training.seed = 7
+    return c
+
+
+@contextmanager
+def store_at(folder: Path):
+    """MLflow pointed (variable, global, working directory) at a fresh SQLite store in
+    `folder`, for a module's tests to share: creating a store's tables costs seconds."""
+    import mlflow
+    uri, before = f"sqlite:///{folder / 'mlflow.db'}", mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mp.chdir(folder)
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(uri)
+        yield uri
+    mlflow.set_tracking_uri(before)
 
 
 @pytest.fixture

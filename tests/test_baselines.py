@@ -4,7 +4,6 @@ LOSO run of each through `train_cnn.main` on a slice of the real flow28 benchmar
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +16,7 @@ from mexp.config import load_config
 from mexp.crossval import assert_no_leak
 from mexp.data.datasets import load_dataset
 from mexp.models import count_parameters, create_model
+from tests.conftest import store_at
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("off_apexnet", "sssnet", "dual_inception")
@@ -128,18 +128,8 @@ def subset(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite tracking store for the module (creating one costs seconds; `tracking` would
-    make one per test)."""
-    d = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(d)
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(uri)
+    """One SQLite tracking store for the module (see conftest.store_at)."""
+    with store_at(tmp_path_factory.mktemp("store")) as uri:
         yield uri
 
 

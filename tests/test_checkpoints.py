@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import cv2
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from mexp import evaluate
 from mexp.models import count_parameters, create_model
+from tests.conftest import store_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ("sub01", "sub05", "006", "s02")          # CASME II, SAMM and SMIC: 26 samples
@@ -88,17 +88,8 @@ def ckpts(subset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite tracking store for the module (creating one costs seconds)."""
-    d = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(d)
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(uri)
+    """One SQLite tracking store for the module (see conftest.store_at)."""
+    with store_at(tmp_path_factory.mktemp("store")) as uri:
         yield uri
 
 

@@ -12,27 +12,16 @@ from mlflow.tracking import MlflowClient
 
 from mexp import compare
 from mexp.metrics import scores
+from tests.conftest import store_at
 
 C = 3
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite store for the module, set up as conftest's `tracking` is for one test:
-    creating a store's tables takes seconds, and these tests only add runs to it."""
-    from mlflow.tracking._tracking_service import utils
-    d = tmp_path_factory.mktemp("compare_store")
-    uri, old = f"sqlite:///{d / 'mlflow.db'}", utils._tracking_uri
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(d)
-        while mlflow.active_run():
-            mlflow.end_run()
-        mlflow.set_tracking_uri(uri)
+    """One SQLite tracking store for the module (see conftest.store_at)."""
+    with store_at(tmp_path_factory.mktemp("store")) as uri:
         yield uri
-        mlflow.set_tracking_uri(old)
 
 
 def table(n_subjects: int = 24, clips: int = 6, seed: int = 0) -> pd.DataFrame:

@@ -14,16 +14,9 @@ from mexp.tracking import LineageError, ResumeError
 
 
 @pytest.fixture
-def cfg(tiny_cfg, tracking):
-    c = tiny_cfg
-    c.data.input = "diff"
-    c.data.sequence_length = 6
-    c.training.epochs = 2
-    c.training.batch_size = 16
-    c.training.cv_folds = 3
-    c.training.val_fraction = 0.25
-    c.output.local = False
-    return c
+def cfg(stage_cfg):
+    stage_cfg.output.local = False
+    return stage_cfg
 
 
 def _runs(client, exp_name="mexp"):

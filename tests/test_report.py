@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mexp import report, report_parts, runs, train_cnn
 from mexp.config import Config
 from mexp.metrics import scores
+from tests.conftest import store_at
 
 ROOT = Path(__file__).resolve().parents[1]
 RESAMPLES = 300                         # the two-run page's; the experiment page has the default
@@ -30,13 +31,7 @@ RESAMPLES = 300                         # the two-run page's; the experiment pag
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, synth_root):
     d = tmp_path_factory.mktemp("report")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mp.chdir(d)
-        mlflow.set_tracking_uri(uri)
+    with store_at(d) as uri:
         cfg = Config()
         cfg.data.root, cfg.data.cache_dir = str(synth_root), str(d / "cache")
         cfg.data.image_size, cfg.data.sequence_length = 16, 8

@@ -14,16 +14,8 @@ from mexp.tracking import LineageError, ResumeError
 
 
 @pytest.fixture
-def cfg(tiny_cfg, tracking):
-    c = tiny_cfg
-    c.data.input = "diff"
-    c.data.sequence_length = 6
-    c.training.epochs = 2
-    c.training.batch_size = 16
-    c.training.cv_folds = 3
-    c.training.val_fraction = 0.25
-    c.training.seed = 7
-    return c
+def cfg(stage_cfg):
+    return stage_cfg
 
 
 def _artifacts(client, run_id, path=""):
