@@ -12,6 +12,7 @@ import json
 import math
 import shlex
 import typing
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,8 @@ class Config:
 NEUTRAL_SECTIONS = ("output", "tracking")   # where results go and how the store is reached
 
 
-def _marked(mark: str) -> set[str]:
+@lru_cache(maxsize=None)
+def _marked(mark: str) -> frozenset[str]:
     """Dotted keys whose dataclass field carries `mark` in its metadata (`neutral`
     also takes every key of NEUTRAL_SECTIONS)."""
     out: set[str] = set()
@@ -214,7 +216,7 @@ def _marked(mark: str) -> set[str]:
         for g in dataclasses.fields(hints[f.name]):
             if g.metadata.get(mark) or (mark == "neutral" and f.name in NEUTRAL_SECTIONS):
                 out.add(f"{f.name}.{g.name}")
-    return out
+    return frozenset(out)
 
 
 def is_neutral(key: str) -> bool:

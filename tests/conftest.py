@@ -30,6 +30,19 @@ def annotations(shared_data) -> Path:
     return shared_data / "annotations"
 
 
+def flow28_slice(shared_data: Path, dest: Path, subjects) -> Path:
+    """index.csv of `subjects` with their flow PNGs, in the MEGC2019 benchmark's own layout."""
+    import pandas as pd
+    src = shared_data / "megc2019_flow28"
+    index = pd.read_csv(src / "index.csv", dtype={"subject": str})
+    index = index[index["subject"].isin(subjects)]
+    (dest / "flow").mkdir()
+    for png in index["flow_png"]:
+        shutil.copy(src / png, dest / png)
+    index.to_csv(dest / "index.csv", index=False)
+    return dest
+
+
 def tiny_synth(**kw) -> SynthConfig:
     base = dict(subjects=6, clips=42, frames=12, image_size=48, seed=3)
     base.update(kw)

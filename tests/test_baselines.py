@@ -1,7 +1,6 @@
 """The field's honest MEGC2019 baselines in the registry: OFF-ApexNet, SSSNet, Dual-Inception and
 the scikit-learn members (logistic regression, RBF SVM), their published shapes, and one tiny
 LOSO run of each through `train_cnn.main` on a slice of the real flow28 benchmark."""
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from mexp.config import load_config
 from mexp.crossval import assert_no_leak
 from mexp.data.datasets import load_dataset
 from mexp.models import count_parameters, create_model
-from tests.conftest import store_at
+from tests.conftest import flow28_slice, store_at
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("off_apexnet", "sssnet", "dual_inception")
@@ -113,17 +112,8 @@ def test_estimators_handle_absent_classes_and_round_trip_their_state():
 
 @pytest.fixture(scope="module")
 def subset(shared_data, tmp_path_factory) -> Path:
-    """index.csv of three subjects (one per database) with their flow PNGs, in the benchmark's
-    own layout."""
-    src = shared_data / "megc2019_flow28"
-    root = tmp_path_factory.mktemp("flow28")
-    index = pd.read_csv(src / "index.csv", dtype={"subject": str})
-    index = index[index["subject"].isin(SUBJECTS)]
-    (root / "flow").mkdir()
-    for png in index["flow_png"]:
-        shutil.copy(src / png, root / png)
-    index.to_csv(root / "index.csv", index=False)
-    return root
+    """index.csv of three subjects (one per database) with their flow PNGs."""
+    return flow28_slice(shared_data, tmp_path_factory.mktemp("flow28"), SUBJECTS)
 
 
 @pytest.fixture(scope="module")

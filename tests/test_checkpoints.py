@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from mexp import evaluate
 from mexp.models import count_parameters, create_model
-from tests.conftest import store_at
+from tests.conftest import flow28_slice, store_at
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ("sub01", "sub05", "006", "s02")          # CASME II, SAMM and SMIC: 26 samples
@@ -50,16 +50,8 @@ def test_ststnet_original_has_the_authors_layout_and_size():
 
 @pytest.fixture(scope="module")
 def subset(shared_data, tmp_path_factory) -> Path:
-    """index.csv of four subjects with their flow PNGs, in the benchmark's own layout."""
-    src = shared_data / "megc2019_flow28"
-    root = tmp_path_factory.mktemp("flow28")
-    index = pd.read_csv(src / "index.csv", dtype={"subject": str})
-    index = index[index["subject"].isin(SUBJECTS)]
-    (root / "flow").mkdir()
-    for png in index["flow_png"]:
-        shutil.copy(src / png, root / png)
-    index.to_csv(root / "index.csv", index=False)
-    return root
+    """index.csv of four subjects with their flow PNGs."""
+    return flow28_slice(shared_data, tmp_path_factory.mktemp("flow28"), SUBJECTS)
 
 
 def bgr_raw(root: Path, index: pd.DataFrame) -> torch.Tensor:
