@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from mexp.data.inputs import features_to_tensor
-from mexp.engine import train_one_epoch
+from mexp.engine.training import train_one_epoch
 from mexp.models import count_parameters, create_model
 
 # model -> (samples, input shape per sample, constructor kwargs, batch size, where the size comes from)

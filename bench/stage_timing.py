@@ -35,7 +35,9 @@ def main() -> None:
 
     from mexp import extract_features, train_cnn, train_lstm
     from mexp.data.datasets import load_dataset
-    from mexp.tracking import configure
+    from mexp.data.inputs import images
+    from mexp.engine.setup import fold_plan
+    from mexp.tracking.runs import configure
 
     cfg = synthetic_config("demo.yaml", work, [f"training.epochs={args.epochs}",
                                                f"training.cv_folds={args.folds}",
@@ -46,8 +48,8 @@ def main() -> None:
 
     def cnn_off():
         load_dataset(cfg.data)                       # the stage loads its data too (warm)
-        clips = train_cnn.images(cfg, cs)
-        plan = train_cnn.fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
+        clips = images(cfg, cs)
+        plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
         fn = train_cnn.make_fold_fn(cfg, cs, clips)
         for k, f in enumerate(plan.folds):
             fn(k, f)

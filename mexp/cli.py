@@ -14,8 +14,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from mexp.config import Config, ConfigError, load_config
-from mexp.secrets import install_log_filter, redact, redacted_output
-from mexp.tracking import TrackingError, tracking_uri
+from mexp.util.secrets import install_log_filter, redact, redacted_output
+from mexp.tracking.runs import TrackingError, tracking_uri
 
 
 def parse(argv: list[str] | None, description: str, base: dict | None = None) -> Config:
@@ -44,7 +44,7 @@ def run(main: Callable[[Config], dict], description: str, base: dict | None = No
         argv: list[str] | None = None) -> None:
     """Parse, call `main(cfg)`. A configuration or input error, or a tracking server that
     cannot be reached or is lost mid-run, exits 2 with one clear line; any other error exits
-    1 with its traceback. Nothing printed or logged carries a credential (mexp.secrets)."""
+    1 with its traceback. Nothing printed or logged carries a credential (mexp.util.secrets)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     install_log_filter()
@@ -63,6 +63,18 @@ def run(main: Callable[[Config], dict], description: str, base: dict | None = No
                 sys.stderr.write(redact(traceback.format_exc()))
                 sys.exit(1)
             _exit(lost)
+
+
+def run_tool(work: Callable, args) -> dict:
+    """A tool command (runs, report): `work(args)` with credentials masked in everything it
+    prints; a bad flag, config, run id or server exits 2 with one line naming it."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with redacted_output():
+        try:
+            return work(args)
+        except (TrackingError, ConfigError, ValueError) as e:
+            logging.getLogger(work.__module__).error("%s: %s", type(e).__name__, redact(str(e)))
+            raise SystemExit(2) from None
 
 
 def _exit(e: Exception) -> None:

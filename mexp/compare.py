@@ -6,7 +6,7 @@
 Both runs must have predicted the same sample ids with the same labels. Subjects are the unit
 (LOSO folds are subjects, and a subject's clips are not independent): a bootstrap resamples
 subjects with replacement, the same subjects for both runs, and recomputes pooled UF1/UAR
-(mexp.metrics; confusion counts add up over subjects) to give a 95% percentile CI of A - B;
+(mexp.engine.metrics; confusion counts add up over subjects) to give a 95% percentile CI of A - B;
 a permutation test swaps the two runs' predictions for each subject with probability 1/2 and
 gives a two-sided p-value on |A - B|. Full set and per database. A repeats parent is compared
 through its seed ensemble (`ensemble_predictions.csv`), a pipeline (`main`) run through its
@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -29,10 +28,10 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from mexp.config import Config
-from mexp.metrics import confusion, scores_from_confusion
-from mexp.runs import fetch_run, resolve_stage_run, short
-from mexp.secrets import redact, redacted_output
-from mexp.tracking import T, LineageError, TrackingError, download, stage_run, tracking_uri
+from mexp.engine.metrics import confusion, scores_from_confusion
+from mexp.tracking.finder import fetch_run, resolve_stage_run, short
+from mexp.util.secrets import redact, redacted_output
+from mexp.tracking.runs import T, LineageError, TrackingError, download, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 STAGE = "compare"

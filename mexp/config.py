@@ -10,9 +10,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shlex
-import typing
-from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +17,8 @@ from typing import Any
 import yaml
 
 from mexp.stages import searchable
-
-
-class ConfigError(ValueError):
-    """A configuration file, key or value is invalid."""
+from mexp.util.schema import (ConfigError, _yaml_problem, apply_dict, flatten,  # noqa: F401
+                               parse_overrides)  # ConfigError, apply_dict, flatten: mexp.config's API too
 
 
 def _neutral(default):
@@ -60,7 +55,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = ""                   # registry name; empty: the stage's own model
-    num_classes: int = 7
+    num_classes: int = 0             # 0: the label map's classes; else must equal their count
     input_channels: int = 1
     feature_dim: int = 256           # CNN per-frame embedding size
     width: int = 16                  # flow_cnn base channel count
@@ -200,169 +195,6 @@ class Config:
         return flatten(self.to_dict())
 
 
-NEUTRAL_SECTIONS = ("output", "tracking")   # where results go and how the store is reached
-
-
-@lru_cache(maxsize=None)
-def _marked(mark: str) -> frozenset[str]:
-    """Dotted keys whose dataclass field carries `mark` in its metadata (`neutral`
-    also takes every key of NEUTRAL_SECTIONS)."""
-    out: set[str] = set()
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        if not dataclasses.is_dataclass(hints[f.name]):
-            out |= {f.name} if f.metadata.get(mark) else set()
-            continue
-        for g in dataclasses.fields(hints[f.name]):
-            if g.metadata.get(mark) or (mark == "neutral" and f.name in NEUTRAL_SECTIONS):
-                out.add(f"{f.name}.{g.name}")
-    return frozenset(out)
-
-
-def is_neutral(key: str) -> bool:
-    """True for a key that cannot change results: `output.*`, `tracking.*` and the fields
-    marked neutral (worker counts, cache folders, the HPO budget, resume_run_id, force).
-    These alone may differ when a run is resumed; this is the one list of them."""
-    return key.split(".", 1)[0] in NEUTRAL_SECTIONS or key in _marked("neutral")
-
-
-def upstream_keys(cfg: "Config", sections: tuple[str, ...] = ()) -> list[str]:
-    """Keys an upstream run must share with `cfg` to feed it: every `data.*` key (image size,
-    sequence length, input mode, frames, label map...), the fold-plan keys, and every key of
-    `sections` (e.g. `flow` for extract_flow), minus the neutral ones. Derived from the
-    schema, so a new data field takes part without editing a list."""
-    keys = [k for k in cfg.flat() if k.split(".", 1)[0] in ("data", *sections)]
-    keys += sorted(_marked("plan"))
-    return [k for k in keys if not is_neutral(k)]
-
-
-def differences(want: dict, have: dict, keys=None) -> list[tuple[str, Any, Any]]:
-    """(key, wanted, found) for every key whose values differ, compared as strings (MLflow
-    params are strings); `keys=None` compares the union minus neutral keys. A key missing
-    on one side counts as its default (configs logged by older versions lack new keys)."""
-    default = Config().flat()
-    if keys is None:
-        keys = sorted(k for k in set(want) | set(have) if not is_neutral(k))
-    out = []
-    for k in keys:
-        a, b = want.get(k, default.get(k, "")), have.get(k, default.get(k, ""))
-        if str(a) != str(b):
-            out.append((k, a, b))
-    return out
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _hints(obj) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert `value` (from YAML or the command line) to the field type `typ`."""
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("true", "yes", "1", "on"):
-                return True
-            if s in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, str):
-                f = float(value)
-                if not f.is_integer():
-                    raise ValueError
-                return int(f)
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is dict:
-            if value is None:
-                return {}
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-        if typ is str:
-            if value is None:
-                return ""
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"config key '{key}': {value!r} is not a valid {typ.__name__}") from None
-    raise ConfigError(f"config key '{key}': unsupported field type {typ}")
-
-
-def _valid_keys(obj, prefix: str = "") -> list[str]:
-    return [prefix + f.name for f in dataclasses.fields(obj)]
-
-
-def apply_dict(cfg: Any, delta: dict, prefix: str = "", source: str = "") -> None:
-    """Apply a nested dict onto a dataclass instance in place, validating every key."""
-    if not isinstance(delta, dict):
-        raise ConfigError(f"{source}config section '{prefix.rstrip('.') or '<root>'}' "
-                          f"must be a mapping, got {type(delta).__name__}")
-    hints = _hints(cfg)
-    for k, v in delta.items():
-        key = f"{prefix}{k}"
-        if k not in hints:
-            raise ConfigError(f"{source}unknown config key '{key}'; valid keys: "
-                              + ", ".join(_valid_keys(cfg, prefix)))
-        cur = getattr(cfg, k)
-        if dataclasses.is_dataclass(cur):
-            apply_dict(cur, v if v is not None else {}, key + ".", source)
-        else:
-            setattr(cfg, k, _coerce(v, hints[k], key))
-
-
-def parse_overrides(overrides: str | list[str] | None) -> dict:
-    """'a.b=1 c=x' (or a list of such items) -> nested dict of YAML-parsed values."""
-    if not overrides:
-        return {}
-    items = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
-    out: dict = {}
-    for part in items:
-        if "=" not in part:
-            raise ConfigError(f"override '{part}' is not of the form key=value")
-        key, raw = part.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{part}' conflicts with another override")
-        node[leaf] = value
-    return out
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """PyYAML's multi-line report as one line: line, column and the problem."""
-    mark = getattr(e, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    what = getattr(e, "problem", None) or str(e).splitlines()[0]
-    ctx = getattr(e, "context", None)
-    return f"{where}{what}" + (f" ({ctx})" if ctx else "")
-
-
 def load_config(path: str | Path | None = None, overrides: str | list[str] | None = None,
                 base: dict | None = None) -> Config:
     """Defaults <- `base` (a stage's own delta) <- YAML file <- overrides."""
@@ -409,13 +241,12 @@ def _check_numbers(flat: dict) -> None:
     for key, v in flat.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"config key '{key}' must be a finite number, got {v}")
-    positive = ["data.image_size", "data.sequence_length", "model.num_classes",
-                "model.input_channels", "training.batch_size", "synth.subjects",
+    positive = ["data.image_size", "data.sequence_length", "model.input_channels", "training.batch_size", "synth.subjects",
                 "synth.clips", "synth.frames", "synth.image_size", "training.lr", "hpo.trials"]
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
-    for key in ("training.epochs", "training.weight_decay", "training.early_stopping",
+    for key in ("model.num_classes", "training.epochs", "training.weight_decay", "training.early_stopping",
                 "training.num_threads", "training.fold_workers", "flow.workers", "hpo.timeout",
                 "synth.noise", "synth.jitter", "synth.amplitude_jitter", "synth.illumination"):
         if flat[key] < 0:

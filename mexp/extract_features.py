@@ -17,16 +17,19 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from mexp.progress import progress
+from mexp.util.progress import progress
 
 from mexp import cli
-from mexp.common import fetch_plan, log_dataset, log_plan, out_dir, setup_torch
+from mexp.tracking.datasets import fetch_plan, log_dataset, log_plan
+from mexp.tracking.folds import out_dir
 from mexp.config import Config, load_config
 from mexp.data.datasets import load_dataset
-from mexp.data.inputs import images_to_tensor
-from mexp.engine import resolve_device
-from mexp.tracking import T, LineageError, configure, download, resolve_parent, stage_run
-from mexp.train_cnn import build_cnn, images
+from mexp.engine.training import resolve_device
+from mexp.tracking.runs import LineageError, T, download, stage_run, start
+from mexp.tracking.lineage import resolve_parent
+from mexp.models.build import build_cnn
+from mexp.data.inputs import images
+from mexp.engine.embed import embed
 
 log = logging.getLogger(__name__)
 STAGE = "extract_features"
@@ -48,20 +51,8 @@ def fold_weights(cnn_run_id: str, fold: str, leak: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@torch.no_grad()
-def embed(model, clips: np.ndarray, device, batch: int = 256) -> np.ndarray:
-    """(N, T, H, W, C) uint8 -> (N, T, D) float16 per-frame embeddings."""
-    model.eval().to(device)
-    n, t = clips.shape[:2]
-    frames = clips.reshape(n * t, *clips.shape[2:])
-    out = [model.forward_features(images_to_tensor(frames[i:i + batch]).to(device)).cpu()
-           for i in range(0, len(frames), batch)]
-    return torch.cat(out).numpy().astype(np.float16).reshape(n, t, -1)
-
-
 def main(cfg: Config) -> dict:
-    setup_torch(cfg)
-    configure(cfg)
+    start(cfg)
     cnn = resolve_parent(cfg, cfg.cnn_run_id, "train_cnn")
     cnn_id, leak = cnn.info.run_id, cnn.data.tags.get(T + "leak") == "true"
     ccfg = cnn_config(cnn_id)

@@ -18,17 +18,17 @@ import cv2
 import mlflow
 import numpy as np
 import pandas as pd
-from mexp.progress import progress
+from mexp.util.progress import progress
 
 from mexp import cli
-from mexp.common import log_dataset
+from mexp.tracking.datasets import log_dataset
 from mexp.config import Config
 from mexp.data import frames as fr
 from mexp.data.cache import ClipCache, digest
 from mexp.data.datasets import FLOW28, ClipSet, load_dataset, resolve_path
 from mexp.flow.optical import FlowError
 from mexp.flow.roi import ROIS, NoFaceError, face_flows, locate, motion_job
-from mexp.tracking import T, configure, stage_run
+from mexp.tracking.runs import T, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "extract_flow"

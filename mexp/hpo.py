@@ -30,13 +30,13 @@ from optuna.trial import TrialState
 
 from mexp import cli
 from mexp.config import Config, ConfigError, apply_dict
-from mexp.hpo_space import check_study_space
-from mexp.hpo_study import (RUN, SKIPPED, close_runs, count_done, heartbeat, in_flight,
+from mexp.tuning.space import check_study_space
+from mexp.tuning.study import (RUN, SKIPPED, close_runs, count_done, heartbeat, in_flight,
                             last_worker, make_pruner, make_sampler, make_storage, storage_url,
                             study_name, why_no_best, worker_name)
 from mexp.hpo_train import trial_config, work
-from mexp.secrets import redact, redact_tree
-from mexp.tracking import T, TrackingError, check_run, configure, stage_run
+from mexp.util.secrets import redact, redact_tree
+from mexp.tracking.runs import T, TrackingError, check_run, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "hpo"

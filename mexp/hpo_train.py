@@ -21,12 +21,12 @@ from optuna.trial import TrialState
 
 from mexp import cli
 from mexp.config import Config, apply_dict
-from mexp.crossval import fold_callback
-from mexp.hpo_space import suggest, to_nested
-from mexp.hpo_study import (ADMITTED, ERROR, RUN, SKIPPED, WORKER, admit, close_dead_trial,
+from mexp.engine.crossval import fold_callback
+from mexp.tuning.space import suggest, to_nested
+from mexp.tuning.study import (ADMITTED, ERROR, RUN, SKIPPED, WORKER, admit, close_dead_trial,
                             count_done, fail_dead_trials, heartbeat, in_flight, worker_name)
-from mexp.secrets import redact
-from mexp.tracking import T, attach_stage
+from mexp.util.secrets import redact
+from mexp.tracking.runs import T, attach_stage
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,10 @@ from mexp import cli, extract_features, train_cnn, train_lstm
 from mexp.config import Config
 from mexp.data.datasets import load_dataset, resolve_path
 from mexp.data.synthetic import generate
-from mexp.common import next_steps
-from mexp.tracking import T, code_digest, configure, find_reusable, stage_run
+from mexp.tracking.summary import next_steps
+from mexp.tracking.keys import code_digest
+from mexp.tracking.runs import T, configure, stage_run
+from mexp.tracking.lineage import find_reusable
 
 log = logging.getLogger(__name__)
 STAGE = "main"

@@ -21,17 +21,17 @@ from mlflow.tracking import MlflowClient
 
 from mexp import cli
 from mexp.config import Config
-from mexp.logged_models import model_name
-from mexp.refit import refit
-from mexp.secrets import redact
-from mexp.serving import signature
+from mexp.tracking.logged_models import model_name
+from mexp.serving.refit import refit
+from mexp.util.secrets import redact
+from mexp.serving.pyfunc import signature
 from mexp.stages import check_promotable
-from mexp.tracking import T, LineageError, check_run, configure, stage_run
+from mexp.tracking.runs import T, LineageError, check_run, configure, stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "promote"
 PKG = Path(__file__).resolve().parent
-MODEL_CODE = PKG / "serving_model.py"       # models from code: no pickled python_model
+MODEL_CODE = PKG / "serving" / "model_code.py"       # models from code: no pickled python_model
 REQUIREMENTS = ("torch", "numpy", "pandas", "opencv-contrib-python-headless", "pyyaml",
                 "scikit-learn", "mlflow", "tqdm", "openpyxl")
 
@@ -55,7 +55,7 @@ def source(run_id: str, metric: str):
                            f"{redact(mlflow.get_tracking_uri())}") from None
     stage = run.data.tags.get(T + "stage")
     if stage == "main":                         # a pipeline: promote its train_lstm run
-        from mexp.runs import resolve_stage_run
+        from mexp.tracking.finder import resolve_stage_run
         child = resolve_stage_run(run_id, "train_lstm")
         log.info("pipeline run %s: promoting its train_lstm run %s", run_id, child)
         return source(child, metric)

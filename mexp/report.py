@@ -6,7 +6,7 @@ runs predicted the same samples.
     python -m mexp.report [--experiment mexp | --runs id1,id2,...] [--out report.html] [--log-to-run]
 
 Inline CSS and script, images as base64 data URIs: the file opens offline and can be mailed.
-Intervals resample the subjects of a run's predictions.csv (`mexp.report_parts`, which also holds
+Intervals resample the subjects of a run's predictions.csv (`mexp.tracking.report_parts`, which also holds
 the paired test); a logged score that is not the point those predictions give (a repeats
 parent's mean, against its ensemble) is shown before it.
 Pipeline (`main`) runs show their train_lstm run's plots; repeats parents their seed ensemble's.
@@ -30,12 +30,12 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mexp import report_parts as parts
-from mexp.report_parts import paired
-from mexp import runs as finder
-from mexp.config import ConfigError
-from mexp.secrets import redact, redacted_output
-from mexp.tracking import T, LineageError, TrackingError, stage_run, tracking_uri
+from mexp import cli
+from mexp.tracking import report_parts as parts
+from mexp.tracking.report_parts import paired
+from mexp.tracking import finder
+from mexp.util.secrets import redact
+from mexp.tracking.runs import T, LineageError, stage_run, tracking_uri
 
 log = logging.getLogger(__name__)
 IMAGES = (("confusion matrix", ("confusion_matrix.png", "ensemble_confusion_matrix.png")),
@@ -74,7 +74,7 @@ def _describe(r: dict, tags: dict, params: dict) -> None:
 
 
 def gather(client: MlflowClient, run) -> dict:
-    """A report row: the run's record (mexp.runs.row), protocol and flags, images, predictions."""
+    """A report row: the run's record (mexp.tracking.finder.row), protocol and flags, images, predictions."""
     r = finder.row(run)
     src = r["source"] = _source(client, r)
     seeds = [s for s in run.data.tags.get(T + "repeat_run_ids", "").split(",") if s]
@@ -95,25 +95,6 @@ def gather(client: MlflowClient, run) -> dict:
         if p is not None:
             r["pred"], r["pred_file"] = pd.read_csv(p), p.name
     return r
-
-
-CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
-table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:4px 8px;white-space:nowrap}
-th{background:#eef;cursor:pointer;user-select:none}th:after{content:" \\2195";color:#889}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even){background:#f8f8fb}
-code{font-size:12px}section{border-top:1px solid #ddd;margin-top:16px}
-figure{display:inline-block;vertical-align:top;margin:8px 16px 8px 0}img{max-width:560px;border:1px solid #ddd}
-img.wide{max-width:100%}details{margin:4px 0 16px}
-.meta{color:#666}.paired{background:#ffd;padding:6px 10px;display:inline-block}"""
-SCRIPT = """document.querySelectorAll("table.sortable th").forEach(function(th,i){
-th.addEventListener("click",function(){var tb=th.closest("table").tBodies[0],
-rows=Array.from(tb.rows),asc=th.dataset.dir!=="asc";th.dataset.dir=asc?"asc":"desc";
-rows.sort(function(a,b){var x=a.cells[i].dataset.v||a.cells[i].textContent,
-y=b.cells[i].dataset.v||b.cells[i].textContent,nx=parseFloat(x),ny=parseFloat(y);
-var d=(isNaN(nx)||isNaN(ny))?x.localeCompare(y):nx-ny;return asc?d:-d;});
-rows.forEach(function(r){tb.appendChild(r);});});});
-window.addEventListener("load",function(){var n=0;document.querySelectorAll("img").forEach(
-function(im){if(im.complete&&im.naturalWidth>0)n++;});document.body.dataset.imagesLoaded=n;});"""
 
 
 def _cell(text: str, value=None) -> str:
@@ -215,12 +196,12 @@ def render(rows: list[dict], pair: str, title: str, where: str, note: str = "") 
     pair_html = f'<h2>Paired comparison</h2><p class="paired" id="paired">{html.escape(pair)}</p>' \
         if pair else ""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"</title><style>{parts.CSS}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p class=meta>{len(rows)} run(s) from {html.escape(where)}; made {now} by "
             f"<code>python -m mexp.report</code>. Click a column to sort. {html.escape(note)}</p>"
             f"{runs_table(rows)}<h2>Per database</h2>{db_table(rows)}{pair_html}"
             f"<h2>Per subject</h2>{subjects_section(rows)}<h2>Runs</h2>"
-            + "".join(run_section(r) for r in rows) + f"<script>{SCRIPT}</script></body></html>")
+            + "".join(run_section(r) for r in rows) + f"<script>{parts.SCRIPT}</script></body></html>")
 
 
 def select(client: MlflowClient, args, cfg) -> tuple[list, str, object]:
@@ -299,14 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """The command: parse, build the page; a bad flag, config, run id or server exits 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    with redacted_output():
-        try:
-            return build(args)
-        except (TrackingError, ConfigError, ValueError) as e:
-            log.error("%s: %s", type(e).__name__, redact(str(e)))
-            raise SystemExit(2) from None
+    return cli.run_tool(build, parse_args(argv))
 
 
 if __name__ == "__main__":

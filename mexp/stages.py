@@ -67,7 +67,7 @@ def promotable() -> tuple[str, ...]:
 
 def check_promotable(name: str, run_id: str) -> None:
     """A clear refusal for a run whose stage the table marks not promotable."""
-    from mexp.tracking import LineageError      # lazy: this table is imported by config
+    from mexp.tracking.runs import LineageError      # lazy: this table is imported by config
     s = STAGES.get(name)
     if s is None:
         raise LineageError(f"run {run_id} is a '{name}' run; promote takes a run of "

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from mexp import cli
 from mexp.config import Config
-from mexp.data.synthetic import (existing, generate, remove_previous, settings, settings_digest,
-                                 summarize)
+from mexp.data.synthetic import generate, summarize
+from mexp.data.synthetic_store import existing, remove_previous, settings, settings_digest
 
 log = logging.getLogger(__name__)
 

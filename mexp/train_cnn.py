@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -17,38 +18,21 @@ import numpy as np
 import torch
 
 from mexp import cli
-from mexp.common import (cross_validate, fold_plan, log_dataset, log_plan, run_repeats,
-                         setup_torch, summary_line)
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score
-from mexp.cv import Fold
-from mexp.data.datasets import FLOW28, ClipSet, load_dataset
-from mexp.data.inputs import images_to_tensor, make_augment, prepare_clips, stage1_frames
-from mexp.engine import fit, set_seed
-from mexp.models import create_model
-from mexp.tracking import T, configure, stage_run
+from mexp.data.datasets import FLOW28, ClipSet
+from mexp.data.inputs import images_to_tensor, make_augment, stage1_frames
+from mexp.engine.crossval import FoldOutput, fit_and_score
+from mexp.engine.plans import Fold
+from mexp.engine.training import fit, set_seed
+from mexp.models.build import build_cnn
+from mexp.tracking.datasets import log_dataset, log_plan
+from mexp.tracking.folds import clip_stage
+from mexp.tracking.repeats import run_repeats
+from mexp.tracking.runs import T
+
 
 log = logging.getLogger(__name__)
 STAGE = "train_cnn"
-
-
-def build_cnn(cfg: Config, channels: int, num_classes: int):
-    return create_model(cfg.model.name or "cnn", num_classes=num_classes, input_channels=channels,
-                        feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout,
-                        width=cfg.model.width)
-
-
-def images(cfg: Config, cs: ClipSet) -> np.ndarray:
-    """Clips after the configured input transform (flow images are used as they are)."""
-    return cs.clips if cfg.data.dataset == FLOW28 else prepare_clips(cs.clips, cfg.data.input)
-
-
-def check_channels(cfg: Config, clips: np.ndarray) -> int:
-    c = clips.shape[-1]
-    if cfg.model.input_channels != c:
-        raise ValueError(f"model.input_channels={cfg.model.input_channels} but the data have "
-                         f"{c} channel(s) (data.dataset={cfg.data.dataset}, data.color={cfg.data.color})")
-    return c
 
 
 def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray):
@@ -84,25 +68,17 @@ def train_all_subjects(cfg: Config, cs: ClipSet, clips: np.ndarray) -> None:
 def main(cfg: Config) -> dict:
     if cfg.repeats > 1:
         return run_repeats(cfg, main, STAGE)
-    setup_torch(cfg)
-    configure(cfg)                              # an unreachable server fails before any work
-    cs = load_dataset(cfg.data)
-    clips = images(cfg, cs)
-    check_channels(cfg, clips)
-    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
-    with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
-                   tags={T + "model": cfg.model.name or "cnn"}) as run:
-        if cfg.stage1.scope == "all_subjects":
-            log_dataset(cs.table, cs.digest, cfg.data.dataset)
-            log_plan(plan, cs.table["sample_id"])
-            train_all_subjects(cfg, cs, clips)
-            print(f"{STAGE}: one CNN on all subjects (LEAKING scope); run {run.info.run_id}")
-            return {"run_id": run.info.run_id, "leak": True}
-        summary = cross_validate(cfg, STAGE, run, plan, cs.table.assign(group=cs.groups),
-                                 cs.digest, cfg.data.dataset, cs.classes,
-                                 make_fold_fn(cfg, cs, clips))
-    print(summary_line(STAGE, summary, summary["run_id"]))
-    return summary
+    leak = cfg.stage1.scope == "all_subjects"
+    return clip_stage(cfg, STAGE, "cnn", make_fold_fn, partial(all_subjects, cfg) if leak else None)
+
+
+def all_subjects(cfg: Config, run, cs: ClipSet, clips: np.ndarray, plan) -> dict:
+    """The original toolkit's stage 1 inside the stage's run (tagged as leaking)."""
+    log_dataset(cs.table, cs.digest, cfg.data.dataset)
+    log_plan(plan, cs.table["sample_id"])
+    train_all_subjects(cfg, cs, clips)
+    print(f"{STAGE}: one CNN on all subjects (LEAKING scope); run {run.info.run_id}")
+    return {"run_id": run.info.run_id, "leak": True}
 
 
 if __name__ == "__main__":

@@ -7,15 +7,13 @@ Same contract as the other stages: fold plan, nested fold runs, pooled metrics a
 from __future__ import annotations
 
 from mexp import cli
-from mexp.common import cross_validate, run_repeats, fold_plan, setup_torch, summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score
-from mexp.cv import Fold
-from mexp.data.datasets import load_dataset
 from mexp.data.inputs import clips_to_tensor, make_augment
-from mexp.models import create_model
-from mexp.tracking import T, configure, stage_run
-from mexp.train_cnn import check_channels, images
+from mexp.engine.crossval import FoldOutput, fit_rows
+from mexp.engine.plans import Fold
+from mexp.models.build import build_model, model_spec
+from mexp.tracking.folds import clip_stage
+from mexp.tracking.repeats import run_repeats
 
 STAGE = "train_cnn_lstm"
 
@@ -23,35 +21,19 @@ STAGE = "train_cnn_lstm"
 def make_fold_fn(cfg: Config, cs, clips):
     augment = make_augment("frames") if cfg.data.augmentation else None
     ids = cs.table["sample_id"].to_numpy()
+    spec = model_spec(cfg, "cnn_lstm", num_classes=len(cs.classes), input_channels=clips.shape[-1])
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
-        tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
-        m = cfg.model
-        return fit_and_score(cfg, k, fold, lambda: create_model(
-            m.name or "cnn_lstm", num_classes=len(cs.classes), input_channels=clips.shape[-1],
-            feature_dim=m.feature_dim, hidden_size=m.hidden_size, num_layers=m.num_layers,
-            dropout=m.dropout),
-            (clips[tr], cs.labels[tr]), (clips[va], cs.labels[va]), clips[te],
-            (ids[te], ids[tr], ids[va]), clips_to_tensor, augment)
+        rows = tuple(cs.subset(s) for s in (fold.train_ids, fold.val_ids, fold.test_ids))
+        return fit_rows(cfg, k, fold, lambda: build_model(spec), clips, cs.labels, ids, rows,
+                        clips_to_tensor, augment)
     return fold_fn
 
 
 def main(cfg: Config) -> dict:
     if cfg.repeats > 1:
         return run_repeats(cfg, main, STAGE)
-    setup_torch(cfg)
-    configure(cfg)                              # an unreachable server fails before any work
-    cs = load_dataset(cfg.data)
-    clips = images(cfg, cs)
-    check_channels(cfg, clips)
-    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
-    with stage_run(cfg, STAGE, resume_run_id=cfg.resume_run_id,
-                   tags={T + "model": cfg.model.name or "cnn_lstm"}) as run:
-        summary = cross_validate(cfg, STAGE, run, plan, cs.table.assign(group=cs.groups),
-                                 cs.digest, cfg.data.dataset, cs.classes,
-                                 make_fold_fn(cfg, cs, clips))
-    print(summary_line(STAGE, summary, summary["run_id"]))
-    return summary
+    return clip_stage(cfg, STAGE, "cnn_lstm", make_fold_fn)
 
 
 if __name__ == "__main__":

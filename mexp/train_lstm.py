@@ -17,15 +17,17 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import cross_validate, run_repeats, setup_torch, summary_line
+from mexp.tracking.folds import cross_validate
+from mexp.tracking.repeats import run_repeats
+from mexp.tracking.summary import summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score
-from mexp.cv import Fold, FoldPlan
+from mexp.engine.crossval import FoldOutput, fit_rows, fold_rows
+from mexp.engine.plans import Fold, FoldPlan
 from mexp.data.datasets import resolve_path
 from mexp.data.inputs import features_to_tensor
-from mexp.models import create_model
-from mexp.tracking import (T, LineageError, check_run, configure, download, match_upstream,
-                           stage_run, upstream_used)
+from mexp.models.build import build_model, model_spec
+from mexp.tracking.lineage import match_upstream, upstream_used
+from mexp.tracking.runs import LineageError, T, check_run, download, stage_run, start
 
 log = logging.getLogger(__name__)
 STAGE = "train_lstm"
@@ -75,20 +77,16 @@ def make_fold_fn(cfg: Config, feats: Features, classes):
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         x = feats.fold(fold.name).astype(np.float32)          # (N, T, D)
-        tr, va, te = ([pos[i] for i in s] for s in (fold.train_ids, fold.val_ids, fold.test_ids))
-        m = cfg.model
-        return fit_and_score(cfg, k, fold, lambda: create_model(
-            m.name or "lstm", num_classes=len(classes), input_dim=x.shape[-1],
-            hidden_size=m.hidden_size, num_layers=m.num_layers, dropout=m.dropout),
-            (x[tr], y[tr]), (x[va], y[va]), x[te], (ids[te], ids[tr], ids[va]), features_to_tensor)
+        spec = model_spec(cfg, "lstm", num_classes=len(classes), input_dim=x.shape[-1])
+        return fit_rows(cfg, k, fold, lambda: build_model(spec), x, y, ids, fold_rows(fold, pos),
+                        features_to_tensor)
     return fold_fn
 
 
 def main(cfg: Config) -> dict:
     if cfg.repeats > 1:
         return run_repeats(cfg, main, STAGE)
-    setup_torch(cfg)
-    configure(cfg)
+    start(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         feats = resolve_features(cfg, Path(tmp))
         lin = feats.lineage

@@ -16,13 +16,17 @@ import numpy as np
 import pandas as pd
 
 from mexp import cli
-from mexp.common import cross_validate, run_repeats, fold_plan, setup_torch, summary_line
+from mexp.tracking.folds import cross_validate
+from mexp.tracking.repeats import run_repeats
+from mexp.engine.setup import fold_plan
+from mexp.tracking.summary import summary_line
 from mexp.config import Config
-from mexp.crossval import FoldOutput, fit_and_score
-from mexp.cv import Fold
+from mexp.engine.crossval import FoldOutput, fit_rows, fold_rows
+from mexp.engine.plans import Fold
 from mexp.data.inputs import features_to_tensor
-from mexp.models import create_model
-from mexp.tracking import T, configure, download, resolve_parent, stage_run
+from mexp.models.build import build_model, model_spec
+from mexp.tracking.runs import T, download, stage_run, start
+from mexp.tracking.lineage import resolve_parent
 
 log = logging.getLogger(__name__)
 STAGE = "train_roi"
@@ -45,23 +49,20 @@ def make_fold_fn(cfg: Config, table: pd.DataFrame, x: np.ndarray, classes):
     ids = table["sample_id"].to_numpy()
     pos = {s: i for i, s in enumerate(ids)}
     y = table["label"].to_numpy(np.int64)
+    spec = model_spec(cfg, "roi_transformer", num_classes=len(classes), input_dim=x.shape[-1],
+                      max_len=max(64, x.shape[1]))
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
-        tr, va, te = ([pos[i] for i in s] for s in (fold.train_ids, fold.val_ids, fold.test_ids))
-        z, m = standardise(x, tr), cfg.model
-        return fit_and_score(cfg, k, fold, lambda: create_model(
-            m.name or "roi_transformer", num_classes=len(classes), input_dim=x.shape[-1],
-            dim=m.dim, heads=m.heads, num_layers=m.num_layers, dropout=m.dropout,
-            max_len=max(64, x.shape[1])),
-            (z[tr], y[tr]), (z[va], y[va]), z[te], (ids[te], ids[tr], ids[va]), features_to_tensor)
+        rows = fold_rows(fold, pos)
+        return fit_rows(cfg, k, fold, lambda: build_model(spec), standardise(x, rows[0]), y, ids,
+                        rows, features_to_tensor)
     return fold_fn
 
 
 def main(cfg: Config) -> dict:
     if cfg.repeats > 1:
         return run_repeats(cfg, main, STAGE)
-    setup_torch(cfg)
-    configure(cfg)
+    start(cfg)
     flow_run = resolve_parent(cfg, cfg.flow_run_id, "extract_flow")
     fid = flow_run.info.run_id
     with tempfile.TemporaryDirectory() as tmp:

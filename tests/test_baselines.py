@@ -9,11 +9,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mexp import evaluate, train_cnn
-from mexp.common import fold_plan
+from mexp.data.inputs import images
+from mexp.tracking import evaluation
+from mexp import train_cnn
+from mexp.engine.setup import fold_plan
 from mexp.config import load_config
-from mexp.crossval import assert_no_leak
+from mexp.engine.crossval import assert_no_leak
 from mexp.data.datasets import load_dataset
+from mexp.models.registry import model_keys
 from mexp.models import count_parameters, create_model
 from tests.conftest import flow28_slice, store_at
 
@@ -29,7 +32,8 @@ SUBJECTS = ("sub06", "016", "s15")     # CASME II, SAMM, SMIC: 13 samples, all 3
 @pytest.mark.parametrize("size", (28, 64))
 def test_forward_shape_and_no_nan_at_28_and_64(name, size):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=3, input_channels=3).eval()
+    shape = {"num_classes": 3, "input_channels": 3}        # the estimators take no channel count
+    model = create_model(name, **{k: v for k, v in shape.items() if k in model_keys(name)}).eval()
     x = torch.randn(4, 3, size, size)
     logits = model(x)
     assert logits.shape == (4, 3) and torch.isfinite(logits).all()
@@ -136,7 +140,7 @@ def test_every_net_runs_a_fold_of_the_benchmark(name, subset):
     cs = load_dataset(cfg.data)
     plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
     fold = plan.folds[0]
-    out = train_cnn.make_fold_fn(cfg, cs, train_cnn.images(cfg, cs))(0, fold)
+    out = train_cnn.make_fold_fn(cfg, cs, images(cfg, cs))(0, fold)
     assert out.probs.shape == (len(fold.test_ids), 3) and np.isfinite(out.probs).all()
     assert out.fit.best_epoch == 1 and len(out.fit.history) == 1
     assert_no_leak(fold, out, dict(zip(cs.table["sample_id"], cs.groups)))
@@ -155,7 +159,7 @@ def test_loso_through_train_cnn(name, subset, store, tmp_path):
     assert probs.shape == (len(ids), 3) and np.isfinite(probs).all()
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     assert set(pred["best_epoch"]) == ({0} if name in ESTIMATORS else {1})
-    report, bad = evaluate.evaluate(out["run_id"])
+    report, bad = evaluation.evaluate(out["run_id"])
     assert bad == [] and report["pooled"]["n"] == len(ids)
     if name == "svm_rbf":       # resuming the finished run recomputes nothing: same metrics
         again = train_cnn.main(_cfg(name, subset, f"resume_run_id={out['run_id']}"))

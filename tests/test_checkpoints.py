@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from mexp.tracking import evaluation
 from mexp import evaluate
 from mexp.models import count_parameters, create_model
 from tests.conftest import flow28_slice, store_at
@@ -140,13 +141,13 @@ def test_scores_each_subject_with_its_own_checkpoint(subset, ckpts, bgr, tmp_pat
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert (pred.loc[rows, "pred"].to_numpy() == want.argmax(1)).all()
     # the logged metrics are what the metric code makes of predictions.csv
-    report = evaluate.recompute(pred, ["negative", "positive", "surprise"])
+    report = evaluation.recompute(pred, ["negative", "positive", "surprise"])
     logged = run.data.metrics
-    for key, value in evaluate.expected_metrics(report, "test").items():
+    for key, value in evaluation.expected_metrics(report, "test").items():
         assert logged[key] == pytest.approx(value, abs=1e-12), key
     assert {"test/uf1", "test/uar", "test/casme2/uf1", "test/samm/uf1",
             "test/smic/uf1"} <= set(logged)
-    assert evaluate.evaluate(out["run_id"])[1] == []          # `mexp.evaluate --run-id` agrees
+    assert evaluation.evaluate(out["run_id"])[1] == []          # `mexp.evaluate --run-id` agrees
 
 
 def test_channel_order_is_an_explicit_live_option(subset, ckpts, bgr, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mexp import compare
-from mexp.metrics import scores
+from mexp.engine.metrics import scores
 from tests.conftest import store_at
 
 C = 3

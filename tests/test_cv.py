@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mexp.cv import FoldPlan, FoldPlanError, check_plan, make_plan
+from mexp.engine.plans import FoldPlan, FoldPlanError, check_plan, make_plan
 
 
 def _data(n_subj=8, per=6, seed=0):
@@ -58,3 +58,33 @@ def test_bad_plans():
         make_plan([], [], [])
     with pytest.raises(FoldPlanError, match="unknown cv method"):
         make_plan(ids, subj, y, method="KFold")
+
+
+def test_the_leak_check_looks_at_the_arrays_given_to_fit():
+    """Ids declared right, arrays wrong: a test row inside the training array is caught."""
+    import numpy as np
+
+    from mexp.config import Config
+    from mexp.engine.crossval import assert_rows_apart, fit_rows
+    from mexp.engine.plans import Fold
+    from mexp.models import create_model
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 4)).astype(np.float32), np.array([0, 1, 0, 1, 0, 1])
+    ids = np.array([f"s{i}" for i in range(6)])
+    fold = Fold("sub3", ["sub3"], ["sub1", "sub2"], [], ["s4", "s5"], ["s0", "s1", "s2", "s3"], [])
+    cfg = Config()
+    cfg.training.epochs = 1
+    with pytest.raises(FoldPlanError, match="fold sub3: 1 row.s. of the array the model was "
+                                            "fitted on equal test rows"):
+        fit_rows(cfg, 0, fold, lambda: create_model("logreg", num_classes=2), x, y, ids,
+                 ([0, 1, 2, 4], [], [4, 5]), torch_tensor)
+    out = fit_rows(cfg, 0, fold, lambda: create_model("logreg", num_classes=2), x, y, ids,
+                   ([0, 1, 2, 3], [], [4, 5]), torch_tensor)
+    assert out.probs.shape == (2, 2)
+    zeros = np.zeros((2, 4), np.float32)            # constant rows name no sample: not a leak
+    assert_rows_apart(fold, zeros, zeros, None)
+
+
+def torch_tensor(x):
+    import torch
+    return torch.as_tensor(x)

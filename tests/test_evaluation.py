@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mexp import evaluate, train_cnn
-from mexp.cv import FoldPlanError, check_plan, make_plan
-from mexp.metrics import scores
+from mexp.tracking import evaluation
+from mexp import train_cnn
+from mexp.engine.plans import FoldPlanError, check_plan, make_plan
+from mexp.engine.metrics import scores
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def cfg(tiny_cfg, tracking):
 
 def test_predictions_csv_reproduces_every_logged_metric(cfg, tracking, tmp_path):
     run = train_cnn.main(cfg)
-    report, bad = evaluate.evaluate(run["run_id"])
+    report, bad = evaluation.evaluate(run["run_id"])
     assert bad == [] and report["pooled"]["uf1"] == pytest.approx(run["uf1"])
     assert set(report["per_class"]) == set(["happiness", "disgust", "repression", "surprise",
                                              "fear", "sadness", "others"])
@@ -66,7 +67,7 @@ def test_seed_repeats_log_mean_and_sd(cfg, capsys):
     assert parent.data.metrics["ensemble/uf1"] == pytest.approx(want, abs=1e-6)
     assert out["ensemble"]["uf1"] == pytest.approx(want, abs=1e-6)
     assert "ensemble_predictions.csv" in {a.path for a in client.list_artifacts(out["run_id"])}
-    report, bad = evaluate.evaluate(out["run_id"])      # the parent: its ensemble is checked
+    report, bad = evaluation.evaluate(out["run_id"])      # the parent: its ensemble is checked
     assert bad == [] and "ensemble/uf1" in report["checked"]
 
 
@@ -123,7 +124,7 @@ def test_lodo_on_the_megc2019_flow_benchmark(tiny_cfg, tracking, shared_data, mo
     assert out["repeats"][0]["run_id"] != out["repeats"][1]["run_id"]
     first = out["repeats"][0]
     assert first["folds"] == 3 and set(first["per_database"]) == {"casme2", "samm", "smic"}
-    report, bad = evaluate.evaluate(first["run_id"])
+    report, bad = evaluation.evaluate(first["run_id"])
     assert bad == [] and report["pooled"]["n"] == 442
 
 
@@ -134,5 +135,5 @@ def test_oracle_runs_are_labelled_and_prefixed(cfg, capsys):
     assert run.data.tags["mexp.oracle"] == "true"
     assert "oracle/uf1" in run.data.metrics and "test/uf1" not in run.data.metrics
     assert "ORACLE" in capsys.readouterr().out
-    report, bad = evaluate.evaluate(out["run_id"])
+    report, bad = evaluation.evaluate(out["run_id"])
     assert bad == []

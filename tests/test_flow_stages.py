@@ -30,8 +30,8 @@ def test_extract_flow_then_train_roi(tiny_cfg, tracking, tmp_path):
     r = client.get_run(s["run_id"])
     assert r.data.tags["mexp.flow_run_id"] == again["run_id"]
     assert 0 <= r.data.metrics["test/uf1"] <= 1 and s["folds"] == 3
-    from mexp import evaluate                     # every logged metric from predictions.csv
-    report, bad = evaluate.evaluate(s["run_id"])
+    from mexp.tracking import evaluation          # every logged metric from predictions.csv
+    report, bad = evaluation.evaluate(s["run_id"])
     assert bad == [] and report["pooled"]["n"] == 42
     assert "predictions.csv" in {a.path for a in client.list_artifacts(s["run_id"])}
 

@@ -5,7 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mexp import train_cnn
-from mexp.fold_pool import fold_outputs
+from mexp.engine.pool import fold_outputs
 
 
 def _square(k, fold):
@@ -54,7 +54,7 @@ def _probs(client, run_id, d):
 def test_zero_fold_workers_means_one_per_core_and_negative_is_refused(tiny_cfg, monkeypatch):
     import os
 
-    from mexp.common import fold_workers
+    from mexp.engine.setup import fold_workers
     tiny_cfg.training.device = "cpu"
     tiny_cfg.training.fold_workers = 0
     assert fold_workers(tiny_cfg) == (os.cpu_count() or 1)

@@ -10,7 +10,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mexp import extract_features, hpo, hpo_study, train_cnn
+from mexp import extract_features, hpo, train_cnn
+from mexp.tuning import study as hpo_study
 from mexp.config import load_config, save_config
 
 

@@ -16,9 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mexp import extract_features, hpo, hpo_study, train_cnn
+from mexp import extract_features, hpo, train_cnn
+from mexp.tuning import study as hpo_study
 from mexp.config import ConfigError, HPOConfig, save_config
-from mexp.hpo_study import ADMITTED, RUN, SKIPPED, WORKER, admit, terminate_tree
+from mexp.tuning.study import ADMITTED, RUN, SKIPPED, WORKER, admit, terminate_tree
 
 HB = {"heartbeat_interval": 1, "grace_period": 5}     # seconds: dead workers found fast
 TERMINAL = {"FINISHED", "KILLED", "FAILED"}

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from mexp.metrics import breakdown, confusion, parse_ststnet_log, scores
+from mexp.engine.metrics import breakdown, confusion, parse_ststnet_log, scores
 
 
 def test_ststnet_published_log_gives_true_uf1_and_uar(annotations):

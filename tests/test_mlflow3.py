@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 
 from mexp import promote, train_cnn
 from mexp.config import Config
-from mexp.crossval import FoldOutput
-from mexp.engine import FitResult
-from mexp.logged_models import FOLD_MODEL_TYPE, create_fold_model, fail_pending_models
-from mexp.tracking import stage_run
+from mexp.engine.crossval import FoldOutput
+from mexp.engine.training import FitResult
+from mexp.tracking.logged_models import FOLD_MODEL_TYPE, create_fold_model, fail_pending_models
+from mexp.tracking.runs import stage_run
 
 ENV = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2", "MEXP_SYSTEM_METRICS": None}
 

@@ -62,3 +62,38 @@ def test_registry_errors_list_the_known_models():
         create_model("resnet")
     with pytest.raises(ValueError, match="already registered"):
         register_model("cnn")(object)
+
+
+def test_each_model_has_a_typed_config_and_unknown_keys_fail():
+    import dataclasses
+
+    from mexp.models.registry import config_of, make_config, model_config, model_keys
+    for name in list_models():
+        assert dataclasses.is_dataclass(model_config(name)) and "num_classes" in model_keys(name)
+    with pytest.raises(ValueError, match="model 'lstm' has no key.s. heads; its keys: num_classes, "
+                                         "input_dim, hidden_size, num_layers, dropout"):
+        create_model("lstm", num_classes=3, heads=4)
+    cfg = make_config("lstm", num_classes=3, input_dim=10, hidden_size=8)
+    model = create_model("lstm", cfg)
+    assert (model.lstm.hidden_size, model.lstm.input_size, model.num_classes) == (8, 10, 3)
+    with pytest.raises(TypeError, match="must be a LstmConfig"):
+        create_model("lstm", make_config("cnn"))
+    with pytest.raises(TypeError, match="declare every key"):
+        config_of(lambda num_classes=3, **_: None, "loose")
+
+
+def test_one_spec_builds_a_stages_model_from_the_run_config():
+    from mexp.config import Config, ConfigError
+    from mexp.models.build import build_model, model_spec
+    cfg = Config()
+    cfg.model.hidden_size, cfg.model.width, cfg.model.feature_dim = 16, 4, 32
+    spec = model_spec(cfg, "lstm", num_classes=3, input_dim=32, input_channels=1)
+    assert spec == {"name": "lstm", "num_classes": 3, "input_dim": 32, "hidden_size": 16,
+                    "num_layers": 2, "dropout": 0.3}       # width, feature_dim: not the lstm's keys
+    assert build_model(spec).lstm.hidden_size == 16
+    assert model_spec(cfg, "cnn", num_classes=3, input_channels=1)["feature_dim"] == 32
+    cfg.model.name = "flow_cnn"                             # model.name wins over the default
+    assert model_spec(cfg, "cnn", num_classes=3, input_channels=3)["width"] == 4
+    cfg.model.num_classes = 7                               # enforced when set
+    with pytest.raises(ConfigError, match="model.num_classes=7 but the data have 3 classes"):
+        model_spec(cfg, "cnn", num_classes=3, input_channels=3)

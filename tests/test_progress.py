@@ -4,7 +4,7 @@ import sys
 
 
 def test_redirected_progress_prints_plain_lines_without_escapes():
-    code = ("import time\nfrom mexp.progress import progress\n"
+    code = ("import time\nfrom mexp.util.progress import progress\n"
             "bar = progress(range(5), desc='folds', unit='fold', every=0.05)\n"
             "for i in bar:\n    time.sleep(0.06)\n    bar.set_postfix(loss=0.5)\n"
             "for i in progress(range(3), desc='quiet', disable=True):\n    time.sleep(0.06)\n")
@@ -21,7 +21,7 @@ def test_redirected_progress_prints_plain_lines_without_escapes():
 def test_terminal_gets_a_tqdm_bar(monkeypatch):
     from tqdm import tqdm
 
-    from mexp import progress
+    from mexp.util import progress
     monkeypatch.setenv("MEXP_PROGRESS", "bar")
     assert isinstance(progress.progress(range(2), desc="x"), tqdm)
     monkeypatch.setenv("MEXP_PROGRESS", "plain")

@@ -9,8 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mexp import extract_features, train_cnn, train_lstm
-from mexp.config import ConfigError, is_neutral, load_config
-from mexp.tracking import LineageError, ResumeError
+from mexp.config import ConfigError, load_config
+from mexp.tracking.keys import is_neutral
+from mexp.tracking.runs import LineageError, ResumeError
 
 
 @pytest.fixture
@@ -140,15 +141,15 @@ def test_end_lines_point_at_the_server_page_not_a_backend_flag(monkeypatch):
 
     import mlflow
 
-    from mexp import common
+    from mexp.tracking import summary
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://ann:pw123@mlflow.example:5000/")
     monkeypatch.setattr("mlflow.tracking.MlflowClient.get_run", lambda self, rid: SimpleNamespace(
         info=SimpleNamespace(experiment_id="7")))
-    steps = common.next_steps("train_cnn", "abc123")
+    steps = summary.next_steps("train_cnn", "abc123")
     assert "open it at http://mlflow.example:5000/#/experiments/7/runs/abc123" in steps
     assert "pw123" not in steps and "ann" not in steps and "backend-store-uri" not in steps
     assert "python -m mexp.promote promote.run_id=abc123" in steps
-    assert "promote" not in common.next_steps("extract_features", "abc123")
+    assert "promote" not in summary.next_steps("extract_features", "abc123")
 
 
 def test_a_run_launched_in_another_experiment_lands_in_the_configured_one(cfg, monkeypatch):

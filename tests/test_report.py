@@ -19,9 +19,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mexp import report, report_parts, runs, train_cnn
+from mexp import report, train_cnn
+from mexp.tracking import finder, report_parts
 from mexp.config import Config
-from mexp.metrics import scores
+from mexp.engine.metrics import scores
 from tests.conftest import store_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_experiment_page_logged_on_a_report_run(store, tmp_path, capsys):
                                f"{run.info.run_id}; paired on")
     assert text[-1] == (f"next: open file://{out['out']} in a browser; python -m mexp.evaluate "
                         f"--run-id {store.ids[1]}; see: mlflow ui --backend-store-uri {store.uri}")
-    rows = {r["run_id"]: r for r in map(runs.row, runs.find_runs([run.info.experiment_id]))}
+    rows = {r["run_id"]: r for r in map(finder.row, finder.find_runs([run.info.experiment_id]))}
     assert rows[run.info.run_id]["stage"] == "report"
     for rid in store.ids:               # real stage runs carry what the finder shows
         r = rows[rid]

@@ -65,8 +65,8 @@ def test_fold_results_include_composite_subject_folds(tracking):
     and both resume and the refit's epoch count must find them."""
     import mlflow
 
-    from mexp.crossval import _completed
-    from mexp.refit import final_epochs
+    from mexp.tracking.folds import _completed
+    from mexp.serving.refit import final_epochs
     mlflow.set_experiment("fold-results")            # this test's own store
     with mlflow.start_run() as run:
         for name, epoch in (("casme2/sub01", 10), ("samm/006", 20), ("k0", 30)):

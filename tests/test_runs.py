@@ -13,8 +13,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from mexp import runs
-from mexp.runs import AmbiguousRunError, resolve_stage_run
-from mexp.tracking import LineageError
+from mexp.tracking.finder import AmbiguousRunError, resolve_stage_run
+from mexp.tracking.runs import LineageError
 from tests.conftest import Server, free_port, venv_env
 
 

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from mexp import cli
 from mexp.config import Config, save_config
-from mexp.secrets import (MASK, install_log_filter, is_secret_key, redact, redact_tree,
+from mexp.util.secrets import (MASK, install_log_filter, is_secret_key, redact, redact_tree,
                           redacted_output)
-from mexp.tracking import TrackingError, configure, stage_run
+from mexp.tracking.runs import TrackingError, configure, stage_run
 from tests.conftest import venv_env
 from tests.test_remote import start_server
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mexp import main as pipeline, promote, train_cnn
-from mexp.tracking import LineageError
+from mexp.tracking.runs import LineageError
 from tests.conftest import Server, free_port, venv_env
 
 

@@ -13,7 +13,8 @@ from mlflow.pyfunc.scoring_server import invocations
 from mexp.config import Config
 from mexp.models import create_model
 from mexp.promote import log_and_register
-from mexp.refit import Bundle, _cnn_spec
+from mexp.models.build import cnn_spec
+from mexp.serving.refit import Bundle
 
 CLASSES = ["happiness", "disgust", "repression", "surprise", "fear", "sadness", "others"]
 
@@ -27,7 +28,7 @@ def served(tmp_path_factory):
     try:
         cfg = Config()
         cfg.data.image_size, cfg.data.sequence_length = 32, 4
-        spec = _cnn_spec(cfg, 1, len(CLASSES))
+        spec = cnn_spec(cfg, 1, len(CLASSES))
         bundle = Bundle("frame_cnn", cfg, CLASSES, {"cnn": (spec, create_model(**spec).state_dict())})
         mlflow.set_experiment(experiment_id=mlflow.create_experiment(
             "serving", artifact_location=(d / "artifacts").as_uri()))

@@ -7,10 +7,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mexp import extract_features, main as pipeline, train_cnn, train_cnn_lstm, train_lstm
-from mexp.crossval import FoldOutput, assert_no_leak
-from mexp.cv import Fold, FoldPlanError
-from mexp.engine import FitResult
-from mexp.tracking import LineageError, ResumeError
+from mexp.engine.crossval import FoldOutput, assert_no_leak
+from mexp.engine.plans import Fold, FoldPlanError
+from mexp.engine.training import FitResult
+from mexp.tracking.runs import LineageError, ResumeError
 
 
 @pytest.fixture
@@ -112,14 +112,17 @@ def test_no_test_subject_reaches_fitting_or_selection(cfg, tmp_path):
     client.download_artifacts(feats["run_id"], "features", str(feat_dir))
     ccfg = extract_features.cnn_config(cnn["run_id"])
     from mexp.data.datasets import load_dataset
+    from mexp.data.inputs import images
+    from mexp.engine.embed import embed
+    from mexp.models.build import build_cnn
     cs = load_dataset(ccfg.data)
-    clips = train_cnn.images(ccfg, cs)
+    clips = images(ccfg, cs)
     for name in ("k0", "k2"):
-        model = train_cnn.build_cnn(ccfg, 1, 7)
+        model = build_cnn(ccfg, 1, 7)
         w = client.download_artifacts(cnn_results[name]["fold_run_id"], "model.pth",
                                       str(tmp_path / name))
         model.load_state_dict(torch.load(w, weights_only=True))
-        mine = extract_features.embed(model, clips[:3], torch.device("cpu"))
+        mine = embed(model, clips[:3], torch.device("cpu"))
         saved = np.load(feat_dir / "features" / f"fold={name}.npy")[:3]
         assert np.allclose(mine.astype(np.float32), saved.astype(np.float32), atol=1e-2)
     k0 = np.load(feat_dir / "features" / "fold=k0.npy")

@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 
 from mexp import stages
 from mexp.config import _CHOICES
-from mexp.tracking import UPSTREAM_SECTIONS, LineageError
+from mexp.tracking.lineage import UPSTREAM_SECTIONS
+from mexp.tracking.runs import LineageError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from mexp.progress import progress
+from mexp.util.progress import progress
 
 from mexp.data import frames as fr
 from mexp.data.annotations import SHEETS, AnnotationError, parse_annotations

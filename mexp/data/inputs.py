@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mexp.data.datasets import FLOW28
+
 DIFF_GAIN = 4.0
 
 
@@ -58,3 +60,16 @@ def make_augment(kind: str, max_shift: int = 2):
                 x[i] = np.roll(x[i], (dy, dx), axis=(-3, -2))
         return x
     return augment
+
+
+def images(cfg, cs) -> np.ndarray:
+    """Clips after the configured input transform (flow images are used as they are)."""
+    return cs.clips if cfg.data.dataset == FLOW28 else prepare_clips(cs.clips, cfg.data.input)
+
+
+def check_channels(cfg, clips: np.ndarray) -> int:
+    c = clips.shape[-1]
+    if cfg.model.input_channels != c:
+        raise ValueError(f"model.input_channels={cfg.model.input_channels} but the data have "
+                         f"{c} channel(s) (data.dataset={cfg.data.dataset}, data.color={cfg.data.color})")
+    return c

@@ -8,17 +8,17 @@ identity says nothing about the label. Everything is deterministic from the seed
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-import openpyxl
-from mexp.progress import progress
+from mexp.util.progress import progress
+
+from mexp.data.synthetic_store import (META_NAME, SHEET_NAME, settings, settings_digest,  # noqa: F401
+                                       write_sheet)  # SHEET_NAME: this module's API too
 
 log = logging.getLogger(__name__)
 
@@ -221,56 +221,6 @@ def plan_clips(cfg, rng: np.random.Generator) -> list[ClipSpec]:
                                   emotion, emotion_aus(emotion, rng), float(amp), first, onset,
                                   apex, offset))
     return specs
-
-
-SHEET_COLUMNS = ["Subject", "Filename", "OnsetFrame", "ApexFrame", "OffsetFrame",
-                 "Action Units", "Estimated Emotion"]
-SHEET_NAME = "CASME2-coding-synthetic.xlsx"
-
-
-def write_sheet(specs: list[ClipSpec], path: Path) -> None:
-    wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.title = "Sheet1"
-    ws.append(SHEET_COLUMNS)
-    for c in specs:
-        ws.append([c.subject, c.clip, c.onset, c.apex, c.offset,
-                   "+".join(map(str, c.aus)), c.emotion])
-    tmp = path.with_suffix(".tmp.xlsx")
-    wb.save(tmp)
-    tmp.replace(path)
-
-
-META_NAME = "synthetic_meta.json"
-
-
-def settings(cfg) -> dict:
-    """The settings that decide the data set's content: all of `synth` except where it goes."""
-    d = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(cfg)
-    d.pop("out", None)
-    return d
-
-
-def settings_digest(d: dict) -> str:
-    """sha256 (16 hex) of a `settings` dict."""
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def existing(root: str | Path) -> dict | None:
-    """The meta of a finished data set at `root` (written last by `generate`), or None."""
-    try:
-        return json.loads((Path(root) / META_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def remove_previous(root: Path, meta: dict) -> None:
-    """Delete what an earlier `generate` wrote (its subject folders, sheet, meta), nothing else,
-    so a smaller new set does not keep stale clips from the old one."""
-    for sub in sorted({c["subject"] for c in meta.get("clips", [])}):
-        shutil.rmtree(root / f"sub{sub}", ignore_errors=True)
-    for name in (SHEET_NAME, META_NAME):
-        (root / name).unlink(missing_ok=True)
 
 
 def summarize(root: Path, subjects: int, frames: int, specs: list[dict]) -> dict:

@@ -20,7 +20,7 @@ class CNNModel(nn.Module):
     """~2.2M parameters (1 channel, 7 classes); any input size >= 16 (128x128 frames, 28x28 flow)."""
 
     def __init__(self, num_classes: int = 7, input_channels: int = 1, feature_dim: int = 256,
-                 dropout: float = 0.3, **_):
+                 dropout: float = 0.3):
         super().__init__()
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.encoder = nn.Sequential(_block(input_channels, 32, 1), _block(32, 64, 2),

@@ -1,7 +1,7 @@
 """scikit-learn baselines on the flattened input, behind the one model interface: `logreg`
 (multinomial logistic regression) and `svm_rbf` (an RBF-kernel SVM).
 
-They are fitted in closed form, not by epochs: `mexp.engine.fit` sees `fit_numpy` and calls it
+They are fitted in closed form, not by epochs: `mexp.engine.training.fit` sees `fit_numpy` and calls it
 with the fold's training samples (after the stage's own `to_input`) and, if the config asks
 for it, the same inverse-frequency class weights the nets' loss gets. Features are standardised
 with the training samples' mean and sd only. What the estimator learned is copied into buffers
@@ -24,7 +24,7 @@ class FlatEstimator(nn.Module):
     """A closed-form classifier on standardised flattened inputs: (B, ...) -> (B, num_classes).
     Unfitted, it scores every class 0 (uniform probabilities)."""
 
-    def __init__(self, num_classes: int = 3, C: float = 1.0, **_):
+    def __init__(self, num_classes: int = 3, C: float = 1.0):
         super().__init__()
         self.num_classes, self.C = num_classes, C
         self.register_buffer("mean", torch.zeros(0))          # (D,)
@@ -95,8 +95,8 @@ class FlatEstimator(nn.Module):
 class LogReg(FlatEstimator):
     """L2 multinomial logistic regression (lbfgs). Its softmax is scikit-learn's predict_proba."""
 
-    def __init__(self, num_classes: int = 3, C: float = 1.0, max_iter: int = 2000, **kw):
-        super().__init__(num_classes, C, **kw)
+    def __init__(self, num_classes: int = 3, C: float = 1.0, max_iter: int = 2000):
+        super().__init__(num_classes, C)
         self.max_iter = max_iter
         self.register_buffer("coef", torch.zeros(0, 0))       # (m, D)
         self.register_buffer("intercept", torch.zeros(0))     # (m,)
@@ -122,8 +122,8 @@ class SVMRBF(FlatEstimator):
     calibrated probability (Platt scaling, `probability=True`, would run a random internal
     5-fold CV over samples and can disagree with the prediction)."""
 
-    def __init__(self, num_classes: int = 3, C: float = 1.0, **kw):
-        super().__init__(num_classes, C, **kw)
+    def __init__(self, num_classes: int = 3, C: float = 1.0):
+        super().__init__(num_classes, C)
         self.register_buffer("support", torch.zeros(0, 0))    # (S, D) support vectors
         self.register_buffer("pair_coef", torch.zeros(0, 0))  # (S, P) dual coefficients per pair
         self.register_buffer("pair_bias", torch.zeros(0))     # (P,)

@@ -36,15 +36,29 @@ def _check_channels(name: str, input_channels: int) -> None:
                          f">= 2 (u, v[, strain]), got {input_channels}")
 
 
+class _TwoStream(nn.Module):
+    """One stream per flow component (u, v): `streams`, their flattened maps concatenated,
+    `fc` to the embedding, `head` to the class scores (set by the subclass)."""
+    image_size: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = _uv(x, self.image_size)                                   # (B, 1, S, S) each
+        h = torch.cat([s(c).flatten(1) for s, c in zip(self.streams, (u, v))], 1)   # (B, flat)
+        return self.fc(h)                                                # (B, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))                       # (B, num_classes)
+
+
 @register_model("off_apexnet")
-class OFFApexNet(nn.Module):
+class OFFApexNet(_TwoStream):
     """OFF-ApexNet (Gan, Liong et al., Signal Processing: Image Communication 2019; MEGC2019
     UF1 0.7196): one small CNN per flow component (5x5 conv, 6 filters, 2x2 max pool; 5x5 conv,
     16 filters, 2x2 max pool; 'same' padding, ReLU), the two 7x7x16 maps concatenated, two
     fully connected layers of 1024, softmax. 2.66M parameters at 28x28 with 3 classes."""
 
     def __init__(self, num_classes: int = 3, input_channels: int = 3, image_size: int = 28,
-                 hidden: int = 1024, dropout: float = 0.5, **_):
+                 hidden: int = 1024, dropout: float = 0.5):
         super().__init__()
         _check_channels("off_apexnet", input_channels)
         self.num_classes, self.image_size = num_classes, image_size
@@ -59,14 +73,6 @@ class OFFApexNet(nn.Module):
         return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                              nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = _uv(x, self.image_size)                                   # (B, 1, 28, 28) each
-        h = torch.cat([s(c).flatten(1) for s, c in zip(self.streams, (u, v))], 1)   # (B, 1568)
-        return self.fc(h)                                                # (B, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))                       # (B, num_classes)
-
 
 @register_model("sssnet")
 class SSSNet(nn.Module):
@@ -78,7 +84,7 @@ class SSSNet(nn.Module):
     3x3 map (170K parameters)."""
 
     def __init__(self, num_classes: int = 3, input_channels: int = 3, image_size: int = 28,
-                 widths: tuple = (32, 64, 256), dropout: float = 0.5, **_):
+                 widths: tuple = (32, 64, 256), dropout: float = 0.5):
         super().__init__()
         self.num_classes, self.image_size = num_classes, image_size
         c1, c2, hidden = widths
@@ -121,14 +127,14 @@ class _Inception(nn.Module):
 
 
 @register_model("dual_inception")
-class DualInception(nn.Module):
+class DualInception(_TwoStream):
     """Dual-Inception (Zhou, Mao, Xue, FG 2019, the MEGC2019 composite winner: UF1 0.7322): per
     flow component (u, v) two Inception modules (6, then 16 maps per branch), each followed by
     2x2 max pooling; both 7x7x64 maps flattened and concatenated, one fully connected layer of
     1024, softmax. 6.45M parameters at 28x28 with 3 classes (the authors' Keras code)."""
 
     def __init__(self, num_classes: int = 3, input_channels: int = 3, image_size: int = 28,
-                 widths: tuple = (6, 16), hidden: int = 1024, dropout: float = 0.0, **_):
+                 widths: tuple = (6, 16), hidden: int = 1024, dropout: float = 0.0):
         super().__init__()
         _check_channels("dual_inception", input_channels)
         self.num_classes, self.image_size = num_classes, image_size
@@ -138,11 +144,3 @@ class DualInception(nn.Module):
         flat = 2 * 4 * w2 * (image_size // 4) ** 2                      # 2 * 64 * 7 * 7 = 6272
         self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = _uv(x, self.image_size)                                   # (B, 1, 28, 28) each
-        h = torch.cat([s(c).flatten(1) for s, c in zip(self.streams, (u, v))], 1)   # (B, 6272)
-        return self.fc(h)                                                # (B, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))                       # (B, num_classes)

@@ -16,7 +16,7 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 @register_model("flow_cnn")
 class FlowCNN(nn.Module):
     def __init__(self, num_classes: int = 3, input_channels: int = 3, width: int = 16,
-                 dropout: float = 0.3, **_):
+                 dropout: float = 0.3):
         super().__init__()
         self.num_classes = num_classes
         w = width
@@ -41,7 +41,7 @@ class STSTNet(nn.Module):
     layer. ~1.7K parameters: little to memorise subjects with."""
 
     def __init__(self, num_classes: int = 3, input_channels: int = 3,
-                 streams: tuple = (3, 5, 8), dropout: float = 0.0, image_size: int = 28, **_):
+                 streams: tuple = (3, 5, 8), dropout: float = 0.0, image_size: int = 28):
         super().__init__()
         self.num_classes = num_classes
         self.streams = nn.ModuleList(

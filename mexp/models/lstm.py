@@ -13,7 +13,7 @@ class LSTMOnlyModel(nn.Module):
     """~430K parameters at input 256, hidden 128, 2 layers: (B, T, D) -> logits."""
 
     def __init__(self, num_classes: int = 7, input_dim: int = 256, hidden_size: int = 128,
-                 num_layers: int = 2, dropout: float = 0.3, **_):
+                 num_layers: int = 2, dropout: float = 0.3):
         super().__init__()
         self.num_classes = num_classes
         self.proj = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, input_dim),
@@ -36,7 +36,7 @@ class CNN_LSTM_Model(nn.Module):  # noqa: N801 (the original toolkit's name)
     """End-to-end: the stage-1 CNN per frame, then the LSTM; (B, T, C, H, W) -> logits."""
 
     def __init__(self, num_classes: int = 7, input_channels: int = 1, feature_dim: int = 256,
-                 hidden_size: int = 128, num_layers: int = 2, dropout: float = 0.3, **_):
+                 hidden_size: int = 128, num_layers: int = 2, dropout: float = 0.3):
         super().__init__()
         self.num_classes = num_classes
         self.cnn = CNNModel(num_classes, input_channels, feature_dim, dropout)

@@ -23,8 +23,7 @@ class ROITransformerModel(nn.Module):
     """Linear projection -> CLS token -> positional encoding -> pre-LN encoder -> CLS -> MLP."""
 
     def __init__(self, num_classes: int = 4, input_dim: int = 14, dim: int = 64, heads: int = 4,
-                 num_layers: int = 3, dropout: float = 0.1, ff_dim: int = 16, max_len: int = 64,
-                 **_):
+                 num_layers: int = 3, dropout: float = 0.1, ff_dim: int = 16, max_len: int = 64):
         super().__init__()
         self.num_classes = num_classes
         self.proj = nn.Linear(input_dim, dim)

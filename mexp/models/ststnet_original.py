@@ -25,8 +25,7 @@ class STSTNetOriginal(nn.Module):
 
     input_convention = {"channel_order": "bgr", "pixel_scale": "raw"}   # the authors' main.py
 
-    def __init__(self, num_classes: int = 3, input_channels: int = 3, dropout: float = 0.5,
-                 **_):
+    def __init__(self, num_classes: int = 3, input_channels: int = 3, dropout: float = 0.5):
         super().__init__()
         self.num_classes = num_classes
         c1, c2, c3 = STREAMS

@@ -1,5 +1,6 @@
-"""The cross-validation loop every training stage shares: one nested MLflow run per fold,
-resumable after a kill, pooled MEGC metrics and plots on the parent run.
+"""Fold logging: one nested MLflow run per fold (metrics, confusion matrix, weights, a
+LoggedModel), resumable after a kill, and the pooled MEGC metrics and plots on the parent run.
+The loop itself is `mexp.engine.crossval.run_plan`; `FoldLogger` is its recorder.
 
 A fold counts as done once its result file `folds/<name>.json` is on the parent run (it is
 logged last), so `resume_run_id` recomputes only unfinished folds and the pooled metrics equal
@@ -11,10 +12,7 @@ import json
 import logging
 import tempfile
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,64 +22,22 @@ import pandas as pd
 import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from mexp.progress import progress
 
-from mexp import plots
-from mexp.cv import Fold, FoldPlan, FoldPlanError, check_plan
+from mexp.config import Config
+from mexp.data.datasets import load_dataset
+from mexp.data.inputs import check_channels, images
 from mexp.data.paths import safe_name
-from mexp.fold_pool import fold_outputs
-from mexp.logged_models import create_fold_model
-from mexp.engine import FitResult, fit, predict_proba, resolve_device, set_seed
-from mexp.metrics import breakdown, confusion, scores
-from mexp.tracking import T, log_history
+from mexp.engine.crossval import FoldOutput, predictions_table, run_plan
+from mexp.engine.metrics import breakdown, confusion, scores
+from mexp.engine.plans import Fold, FoldPlan, check_plan
+from mexp.engine.setup import fold_plan, fold_workers
+from mexp.tracking import plots
+from mexp.tracking.datasets import log_dataset, log_plan
+from mexp.tracking.logged_models import create_fold_model
+from mexp.tracking.runs import T, log_history, stage_run, start, terminate_children
+from mexp.tracking.summary import summary_line
 
 log = logging.getLogger(__name__)
-_ON_FOLD: ContextVar[Callable | None] = ContextVar("mexp_on_fold", default=None)
-
-
-@contextmanager
-def fold_callback(fn: Callable[[int, dict], None]):
-    """Call `fn(k, running_scores)` after each fold of the stages run inside (HPO pruning)."""
-    token = _ON_FOLD.set(fn)
-    try:
-        yield
-    finally:
-        _ON_FOLD.reset(token)
-
-
-@dataclass
-class FoldOutput:
-    test_ids: list[str]
-    probs: np.ndarray            # (n_test, C) class probabilities
-    fit: FitResult
-    fit_ids: list[str]           # samples the model's weights were fitted on
-    select_ids: list[str]        # samples the epoch was selected on (validation subjects)
-    example: np.ndarray | None = None   # one input batch (1, ...) as the network takes it
-
-
-def fit_and_score(cfg, k: int, fold: Fold, make_model: Callable, train: tuple, val: tuple,
-                  x_test, ids: tuple, to_input, augment=None) -> FoldOutput:
-    """The fold recipe every stage shares: a seeded model, fitted on `train` with epochs
-    selected on `val` (if it has samples), class probabilities on `x_test`.
-    `ids` = (test ids, ids fitted on, ids selected on), recorded for the leak check."""
-    set_seed(cfg.training.seed + k)
-    model = make_model()
-    res = fit(model, train, val if len(val[1]) else None, cfg.training, model.num_classes,
-              to_input, augment, seed=cfg.training.seed + k, desc=f"fold {fold.name}")
-    probs = predict_proba(model, x_test, to_input, cfg.training.batch_size,
-                          resolve_device(cfg.training.device))
-    test_ids, fit_ids, select_ids = ids
-    example = to_input(x_test[:1]).cpu().numpy()         # the fold LoggedModel's input example
-    return FoldOutput(list(test_ids), probs, res, list(fit_ids), list(select_ids), example)
-
-
-def assert_no_leak(fold: Fold, out: FoldOutput, subject_of: dict) -> None:
-    """Stop the run if a test subject's sample reached fitting or selection."""
-    test = set(fold.test_subjects)
-    for what, ids in (("fitted", out.fit_ids), ("selected", out.select_ids)):
-        bad = sorted({subject_of[i] for i in ids} & test)
-        if bad:
-            raise FoldPlanError(f"fold {fold.name}: the model was {what} on test subject(s) {bad}")
 
 
 def fold_results(run_id: str) -> list[dict]:
@@ -101,7 +57,6 @@ def _completed(run_id: str) -> dict[str, dict]:
 
 def _kill_stale_fold_runs(parent_id: str) -> None:
     """Fold runs (and anything under them) left RUNNING by a killed process become KILLED."""
-    from mexp.tracking import terminate_children
     n = terminate_children(parent_id)
     if n:
         log.info("marked %d stale run(s) under %s KILLED", n, parent_id)
@@ -183,70 +138,20 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
     in plan order (HPO reports and prunes there). `oracle=True` selects epochs on the test
     fold, as some papers do: the run is tagged and its metrics are logged as oracle/*.
-    `workers > 1` trains that many folds at once in worker processes (`mexp.fold_pool`)."""
+    `workers > 1` trains that many folds at once in worker processes (`mexp.engine.pool`)."""
     parent = mlflow.active_run().info.run_id
     check_plan(plan, table["sample_id"])        # safeguard: no subject/database on two sides
     if oracle:
         mlflow.set_tag(T + "oracle", "true")
         log.warning("evaluation.oracle=true: epochs are chosen on the TEST subjects; the "
                     "metrics are logged as oracle/* and are not honest estimates")
-    on_fold = on_fold or _ON_FOLD.get()
     done = _completed(parent)
     if done:
         log.info("resuming: %d of %d folds already complete", len(done), len(plan.folds))
     _kill_stale_fold_runs(parent)          # a resumed run's in-flight folds died with it
-    label_of = dict(zip(table["sample_id"], table["label"].astype(int)))
-    subject_of = dict(zip(table["sample_id"], table["subject"]))
-    results: dict[str, dict] = dict(done)
-    logger = FoldLogger(parent, stage, classes, out_dir)
-    if oracle:
-        def run_fold(k, fold, fn=fold_fn):
-            return fn(k, replace(fold, val_ids=fold.test_ids, val_subjects=fold.test_subjects))
-    else:
-        run_fold = fold_fn
-    todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
-    outputs = fold_outputs(run_fold, todo, workers)
-    try:
-        for k, fold in enumerate(progress(plan.folds, desc=f"{stage} folds", unit="fold")):
-            if fold.name not in done:
-                k_out, fold_out, out = next(outputs)
-                assert (k_out, fold_out.name) == (k, fold.name)
-                if not oracle:
-                    assert_no_leak(fold, out, subject_of)
-                y = np.array([label_of[i] for i in out.test_ids])
-                logger.submit(fold, out, y)
-                logger.check()
-                results[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
-                                      "probs": out.probs.tolist()}
-            if on_fold is not None:
-                so_far = [results[f.name] for f in plan.folds[:k + 1]]
-                on_fold(k, pooled_scores(so_far, label_of, len(classes)))
-        results.update(logger.drain())     # the pooled metrics come from what was logged
-    finally:
-        outputs.close()                    # cancels folds not started (e.g. a pruned trial)
-        logger.close()
-    results = [results[f.name] for f in plan.folds]
+    results = run_plan(plan, table, len(classes), fold_fn, FoldLogger(parent, stage, classes, out_dir),
+                       done, on_fold=on_fold, oracle=oracle, workers=workers, desc=f"{stage} folds")
     return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")
-
-
-def pooled_scores(results: list[dict], label_of: dict, num_classes: int) -> dict:
-    ids = [i for r in results for i in r["test_ids"]]
-    preds = np.concatenate([np.asarray(r["probs"]).argmax(1) for r in results]) if ids else []
-    return scores([label_of[i] for i in ids], preds, num_classes)
-
-
-def predictions_table(results: list[dict], table: pd.DataFrame, classes) -> pd.DataFrame:
-    rows = []
-    meta = table.set_index("sample_id")
-    for r in results:
-        for sid, p in zip(r["test_ids"], r["probs"]):
-            m = meta.loc[sid]
-            rows.append({"sample_id": sid, "dataset": m["dataset"], "subject": m["subject"],
-                         "fold": r["fold"], "label": int(m["label"]), "pred": int(np.argmax(p)),
-                         **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
-                         "best_epoch": r["best_epoch"], "selected_on": r["selected_on"],
-                         "fold_run_id": r["fold_run_id"]})
-    return pd.DataFrame(rows)
 
 
 def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
@@ -281,3 +186,43 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
         plan.save(out_dir / "fold_plan.json")
     return {"uf1": s["uf1"], "uar": s["uar"], "accuracy": s["accuracy"], "n": s["n"],
             "per_database": per_db, "folds": len(results), "oracle": prefix == "oracle"}
+
+
+def out_dir(cfg: Config) -> Path | None:
+    return Path(cfg.output.dir) if cfg.output.local else None
+
+
+def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: str,
+                   dataset: str, classes, fold_fn) -> dict:
+    """Inside a stage's run: the dataset input and fold plan, every fold, the pooled summary.
+    `table` needs sample_id, dataset, label and `group` (the CV subject) columns."""
+    log_dataset(table, digest, dataset)
+    log_plan(plan, table["sample_id"])
+    summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
+                        out_dir(cfg), oracle=cfg.evaluation.oracle,
+                        workers=fold_workers(cfg))
+    summary["run_id"] = run.info.run_id
+    return summary
+
+
+def clip_stage(cfg: Config, stage: str, default_model: str, make_fold_fn: Callable,
+               instead: Callable | None = None) -> dict:
+    """A stage trained on the data set's clips (train_cnn, train_cnn_lstm): load and check
+    them, fix the fold plan, then inside the stage's run cross-validate with
+    `make_fold_fn(cfg, clip_set, clips)`, or return `instead(run, clip_set, clips, plan)`
+    when that gives a result (train_cnn's all-subjects scope)."""
+    start(cfg)                              # an unreachable server fails before any work
+    cs = load_dataset(cfg.data)
+    clips = images(cfg, cs)
+    check_channels(cfg, clips)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
+    with stage_run(cfg, stage, resume_run_id=cfg.resume_run_id,
+                   tags={T + "model": cfg.model.name or default_model}) as run:
+        done = instead(run, cs, clips, plan) if instead else None
+        if done is not None:
+            return done
+        summary = cross_validate(cfg, stage, run, plan, cs.table.assign(group=cs.groups),
+                                 cs.digest, cfg.data.dataset, cs.classes,
+                                 make_fold_fn(cfg, cs, clips))
+    print(summary_line(stage, summary, summary["run_id"]))
+    return summary

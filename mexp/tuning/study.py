@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from mexp.config import Config, ConfigError
-from mexp.secrets import redact
-from mexp.tracking import T, terminate_tree, tracking_uri  # noqa: F401  (terminate_tree: re-exported)
+from mexp.util.secrets import redact
+from mexp.tracking.runs import T, terminate_tree, tracking_uri  # noqa: F401  (terminate_tree: re-exported)
 
 log = logging.getLogger(__name__)
 # trial user attrs: the trial's MLflow run, its worker (host:pid), admitted to train, skipped, error

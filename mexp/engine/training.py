@@ -14,12 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from mexp.progress import progress
+from mexp.util.progress import progress
 
-from mexp.metrics import scores
+from mexp.engine.metrics import scores
 
 Batch = Callable[[np.ndarray], torch.Tensor]
-SHOW_PROGRESS = True        # per-epoch bars; off in fold worker processes (mexp.fold_pool)
+SHOW_PROGRESS = True        # per-epoch bars; off in fold worker processes (mexp.engine.pool)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

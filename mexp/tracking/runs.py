@@ -2,15 +2,12 @@
 batched metrics, lineage lookups between stages, and artifact download by run id."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import lru_cache
 from pathlib import Path
 
 import mlflow
@@ -20,15 +17,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mexp import __version__
-from mexp.config import Config, differences, flatten, upstream_keys
-from mexp.logged_models import system_metrics
-from mexp.progress import interactive
-from mexp.stages import STAGES
-from mexp.secrets import install_log_filter, redact, redact_tree, redact_value
+from mexp.config import Config, flatten
+from mexp.engine.setup import setup_torch
+from mexp.tracking.keys import code_digest, data_identity, differences, git_commit
+from mexp.tracking.logged_models import system_metrics
+from mexp.util.progress import interactive
+from mexp.util.secrets import install_log_filter, redact, redact_tree, redact_value
 
 log = logging.getLogger(__name__)
 T = "mexp."  # tag prefix
-PKG = Path(__file__).resolve().parent
+PKG = Path(__file__).resolve().parents[1]   # the mexp package
 
 
 class TrackingError(RuntimeError):
@@ -75,6 +73,13 @@ def configure(cfg: Config) -> str:
                                    f"{str(e).splitlines()[0][:300]}")) from None
 
 
+def start(cfg: Config) -> str:
+    """A training command's first step: torch set up as the config says, and the tracking store
+    reached (an unreachable server fails here, before any work). Returns the experiment id."""
+    setup_torch(cfg)
+    return configure(cfg)
+
+
 def _launcher_experiment(run_id: str, experiment: str) -> str:
     """The experiment id of `mlflow run`'s run if it is `experiment`; else the launcher run
     is left as a pointer (tagged) and the stage logs into `experiment` like any other run."""
@@ -90,33 +95,6 @@ def _launcher_experiment(run_id: str, experiment: str) -> str:
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(var, None)
     return ""
-
-
-@lru_cache(maxsize=1)
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PKG, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-@lru_cache(maxsize=1)
-def code_digest() -> str:
-    """sha256 (16 hex) of the package's source: the code version that reuse is keyed on."""
-    h = hashlib.sha256(__version__.encode())
-    for p in sorted(PKG.rglob("*.py")) + sorted(PKG.rglob("*.yaml")):
-        h.update(p.relative_to(PKG).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def data_identity(cfg: Config) -> str:
-    """Digest of what names the dataset and its labels (not how it is preprocessed)."""
-    d = cfg.data
-    return hashlib.sha256(repr((d.dataset, d.root, d.annotations, d.label_map)).encode()
-                          ).hexdigest()[:16]
 
 
 def log_config(cfg: Config, run_id: str) -> None:
@@ -210,7 +188,7 @@ _LINEAGE_TAGS = ("parent_run_id", "cnn_run_id", "features_run_id", "flow_run_id"
 
 
 def check_resume(cfg: Config, run, tags: dict | None) -> str:
-    """Refuse to resume `run` unless only result-neutral keys (config.is_neutral) differ and
+    """Refuse to resume `run` unless only result-neutral keys (tracking.keys.is_neutral) differ and
     it reads the same upstream run; return the run's status before the resume."""
     want = {k: redact_value(k, v) for k, v in cfg.flat().items()}
     have = {k: redact_value(k, v) for k, v in logged_config(run).items()}
@@ -284,71 +262,8 @@ def check_run(run_id: str, stage: str, finished: bool = True):
     return run
 
 
-def _newest_finished(cfg: Config, stage: str, tag: str, value: str):
-    """The newest FINISHED run of `stage` in the experiment whose tag `tag` equals `value`."""
-    exp = configure(cfg)
-    flt = (f"tags.`{T}stage` = '{stage}' and tags.`{T}{tag}` = '{value}' "
-           f"and attributes.status = 'FINISHED'")
-    runs = MlflowClient().search_runs([exp], flt, order_by=["attributes.start_time DESC"],
-                                      max_results=1)
-    return runs[0] if runs else None
-
-
 # Config sections an upstream stage's output depends on beyond data.* and the fold plan.
-UPSTREAM_SECTIONS = {n: s.output_sections for n, s in STAGES.items()}   # the stage table
 _UPSTREAM_NOTE: ContextVar[str] = ContextVar("mexp_upstream_note", default="")
-
-
-def upstream_note() -> str:
-    """Which upstream run the current stage picked by itself, and why ("" if given)."""
-    return _UPSTREAM_NOTE.get()
-
-
-def upstream_used(note: str) -> None:
-    """Record the upstream choice for the stage's summary line."""
-    _UPSTREAM_NOTE.set(note)
-
-
-def match_upstream(cfg: Config, stage: str, limit: int = 200):
-    """(run, note): the newest FINISHED `stage` run in the experiment that agrees with `cfg`
-    on every key shaping its output (config.upstream_keys), or (None, why not) listing the
-    nearest candidates and what differs."""
-    exp = configure(cfg)
-    keys = upstream_keys(cfg, UPSTREAM_SECTIONS.get(stage, ()))
-    runs = MlflowClient().search_runs(
-        [exp], f"tags.`{T}stage` = '{stage}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=limit)
-    want, near = cfg.flat(), []
-    for r in runs:
-        diff = differences(want, r.data.params, keys)
-        if not diff:
-            return r, (f"{stage} run {r.info.run_id} picked automatically: the newest FINISHED one "
-                       f"whose {len(keys)} input keys (data.*, fold plan"
-                       + "".join(f", {x}.*" for x in UPSTREAM_SECTIONS.get(stage, ())) + ") match")
-        near.append((len(diff), r.info.run_id, diff))
-    if not near:
-        return None, f"no FINISHED '{stage}' run in experiment '{cfg.tracking.experiment}'"
-    near.sort(key=lambda t: t[0])
-    lines = "; ".join(f"{rid} differs in " + ", ".join(f"{k} (run: {b}, now: {a})"
-                                                      for k, a, b in d[:4])
-                      + (f" and {len(d) - 4} more" if len(d) > 4 else "")
-                      for _, rid, d in near[:3])
-    return None, (f"no FINISHED '{stage}' run in experiment '{cfg.tracking.experiment}' matches "
-                  f"this config's input keys; nearest: {lines}")
-
-
-def resolve_parent(cfg: Config, run_id: str, stage: str):
-    """The given run (checked), or the newest FINISHED `stage` run that matches the config
-    on every input key (see match_upstream); the choice is noted for the summary line."""
-    upstream_used("")
-    if run_id:
-        return check_run(run_id, stage)
-    run, note = match_upstream(cfg, stage)
-    if run is None:
-        raise LineageError(f"{note}; run {stage} with this config first or pass its run id")
-    log.info("using %s", note)
-    upstream_used(note)
-    return run
 
 
 def download(run_id: str, path: str, dst: str | Path) -> Path:
@@ -361,6 +276,3 @@ def download(run_id: str, path: str, dst: str | Path) -> Path:
         raise LineageError(f"run {run_id} has no artifact '{path}': {str(e).splitlines()[0]}") from None
 
 
-def find_reusable(cfg: Config, stage: str, reuse_key: str):
-    """A FINISHED run of `stage` with this reuse key (same config, data, code, upstream)."""
-    return _newest_finished(cfg, stage, "reuse_key", reuse_key)

@@ -17,15 +17,15 @@ import torch
 import yaml
 
 from mexp.config import Config, load_config
-from mexp.crossval import fold_results
+from mexp.tracking.folds import fold_results
 from mexp.data.datasets import FLOW28, load_dataset
 from mexp.data.inputs import (clips_to_tensor, features_to_tensor, images_to_tensor, make_augment,
                               stage1_frames)
-from mexp.engine import fit, set_seed
-from mexp.extract_features import embed
-from mexp.models import create_model
-from mexp.tracking import T, LineageError, download
-from mexp.train_cnn import images
+from mexp.engine.training import fit, set_seed
+from mexp.engine.embed import embed
+from mexp.models.build import build_model, cnn_spec, model_spec
+from mexp.tracking.runs import T, LineageError, download
+from mexp.data.inputs import images
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("train_cnn", "train_lstm", "train_cnn_lstm")
@@ -68,19 +68,13 @@ def _fit_all(model, x, y, cfg: Config, epochs: int, to_input, augment=None):
     return res.state
 
 
-def _cnn_spec(cfg: Config, channels: int, num_classes: int) -> dict:
-    return {"name": cfg.model.name or "cnn", "num_classes": num_classes,
-            "input_channels": channels, "feature_dim": cfg.model.feature_dim,
-            "dropout": cfg.model.dropout, "width": cfg.model.width}
-
-
 def refit_cnn(cnn_run_id: str) -> tuple[Bundle, object, np.ndarray]:
     cfg = run_config(cnn_run_id)
     cs = load_dataset(cfg.data)
     clips = images(cfg, cs)
     x, owner = stage1_frames(clips, cs.apex, cfg.data.frames)
-    spec = _cnn_spec(cfg, clips.shape[-1], len(cs.classes))
-    model = create_model(**spec)
+    spec = cnn_spec(cfg, clips.shape[-1], len(cs.classes))
+    model = build_model(spec)
     augment = make_augment("flow" if cfg.data.dataset == FLOW28 else "frames") \
         if cfg.data.augmentation else None
     state = _fit_all(model, x, cs.labels[owner], cfg, final_epochs(cnn_run_id, cfg.training.epochs),
@@ -94,10 +88,8 @@ def refit_two_stage(lstm_run_id: str, cnn_run_id: str) -> Bundle:
     lcfg = run_config(lstm_run_id)
     cs = load_dataset(bundle.cfg.data)
     feats = embed(cnn, clips, torch.device("cpu")).astype(np.float32)
-    spec = {"name": lcfg.model.name or "lstm", "num_classes": len(cs.classes),
-            "input_dim": feats.shape[-1], "hidden_size": lcfg.model.hidden_size,
-            "num_layers": lcfg.model.num_layers, "dropout": lcfg.model.dropout}
-    model = create_model(**spec)
+    spec = model_spec(lcfg, "lstm", num_classes=len(cs.classes), input_dim=feats.shape[-1])
+    model = build_model(spec)
     state = _fit_all(model, feats, cs.labels, lcfg, final_epochs(lstm_run_id, lcfg.training.epochs),
                      features_to_tensor)
     bundle.kind = "two_stage"
@@ -109,12 +101,9 @@ def refit_cnn_lstm(run_id: str) -> Bundle:
     cfg = run_config(run_id)
     cs = load_dataset(cfg.data)
     clips = images(cfg, cs)
-    m = cfg.model
-    spec = {"name": m.name or "cnn_lstm", "num_classes": len(cs.classes),
-            "input_channels": clips.shape[-1], "feature_dim": m.feature_dim,
-            "hidden_size": m.hidden_size, "num_layers": m.num_layers, "dropout": m.dropout}
+    spec = model_spec(cfg, "cnn_lstm", num_classes=len(cs.classes), input_channels=clips.shape[-1])
     augment = make_augment("frames") if cfg.data.augmentation else None
-    state = _fit_all(create_model(**spec), clips, cs.labels, cfg,
+    state = _fit_all(build_model(spec), clips, cs.labels, cfg,
                      final_epochs(run_id, cfg.training.epochs), clips_to_tensor, augment)
     return Bundle("cnn_lstm", cfg, list(cs.classes), {"cnn_lstm": (spec, state)})
 

@@ -17,8 +17,8 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from mexp.metrics import scores as score
-from mexp.metrics import scores_from_confusion
+from mexp.engine.metrics import scores as score
+from mexp.engine.metrics import scores_from_confusion
 
 RESAMPLES, SEED, KEYS = 1000, 0, ("uf1", "uar")
 
@@ -129,3 +129,24 @@ def paired(a: dict, b: dict) -> str:
     return (f"paired on {len(y)} samples: {ia} right & {ib} wrong {only_a}, {ia} wrong & {ib} "
             f"right {only_b}; McNemar exact p = {pval:.4f}; UF1 {ia} - {ib} = {ua - ub:+.4f} "
             f"({ua:.4f} vs {ub:.4f})")
+
+
+CSS = """body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
+table{border-collapse:collapse;margin:8px 0 20px}th,td{border:1px solid #ccc;padding:4px 8px;white-space:nowrap}
+th{background:#eef;cursor:pointer;user-select:none}th:after{content:" \\2195";color:#889}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even){background:#f8f8fb}
+code{font-size:12px}section{border-top:1px solid #ddd;margin-top:16px}
+figure{display:inline-block;vertical-align:top;margin:8px 16px 8px 0}img{max-width:560px;border:1px solid #ddd}
+img.wide{max-width:100%}details{margin:4px 0 16px}
+.meta{color:#666}.paired{background:#ffd;padding:6px 10px;display:inline-block}"""
+
+SCRIPT = """document.querySelectorAll("table.sortable th").forEach(function(th,i){
+th.addEventListener("click",function(){var tb=th.closest("table").tBodies[0],
+rows=Array.from(tb.rows),asc=th.dataset.dir!=="asc";th.dataset.dir=asc?"asc":"desc";
+rows.sort(function(a,b){var x=a.cells[i].dataset.v||a.cells[i].textContent,
+y=b.cells[i].dataset.v||b.cells[i].textContent,nx=parseFloat(x),ny=parseFloat(y);
+var d=(isNaN(nx)||isNaN(ny))?x.localeCompare(y):nx-ny;return asc?d:-d;});
+rows.forEach(function(r){tb.appendChild(r);});});});
+window.addEventListener("load",function(){var n=0;document.querySelectorAll("img").forEach(
+function(im){if(im.complete&&im.naturalWidth>0)n++;});document.body.dataset.imagesLoaded=n;});"""
+

@@ -20,7 +20,7 @@ def _init_worker(blob: bytes, threads: int) -> None:
     import cloudpickle
     import torch
 
-    from mexp import engine
+    from mexp.engine import training as engine
 
     engine.SHOW_PROGRESS = False        # one bar per worker would scramble the terminal
     torch.set_num_threads(threads)

@@ -125,20 +125,20 @@ def _cfg(path):
 
 class MERModel(mlflow.pyfunc.PythonModel):
     """Artifacts: `bundle/` with meta.json (kind, classes), config.yaml and the .pth weights.
-    Logged from code (`mexp/serving_model.py` ends with `set_model(MERModel())`), never
+    Logged from code (`mexp/serving/model_code.py` ends with `set_model(MERModel())`), never
     pickled: loading the model imports this class and reads only weights and text files."""
 
     def load_context(self, context):
         self.load(Path(context.artifacts["bundle"]))
 
     def load(self, bundle: Path) -> "MERModel":
-        from mexp.models import create_model
+        from mexp.models.build import build_model
         meta = json.loads((bundle / "meta.json").read_text())
         self.kind, self.classes = meta["kind"], meta["classes"]
         self.cfg = _cfg(bundle / "config.yaml")
         self.models = {}
         for name, spec in meta["models"].items():
-            m = create_model(spec.pop("name"), **spec)
+            m = build_model(spec)
             m.load_state_dict(torch.load(bundle / f"{name}.pth", map_location="cpu",
                                          weights_only=True))
             self.models[name] = m.eval()

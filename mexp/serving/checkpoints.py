@@ -26,15 +26,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mexp import plots
-from mexp.common import setup_torch
+from mexp.tracking import plots
 from mexp.config import Config
 from mexp.data.datasets import ClipSet, load_dataset, resolve_path
 from mexp.data.inputs import images_to_tensor
-from mexp.engine import predict_proba, resolve_device
-from mexp.evaluate import expected_metrics, recompute, render
-from mexp.tracking import T, configure, stage_run
-from mexp.train_cnn import build_cnn, images
+from mexp.engine.training import predict_proba, resolve_device
+from mexp.tracking.evaluation import expected_metrics, recompute, render
+from mexp.tracking.runs import T, stage_run, start
+from mexp.models.build import build_cnn
+from mexp.data.inputs import images
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate_checkpoints"
@@ -248,8 +248,7 @@ def main(cfg: Config, checkpoints: str, channel_order: str = "bgr", pixel_scale:
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} is not a folder")
     cfg = copy.deepcopy(cfg)
-    setup_torch(cfg)
-    configure(cfg)                                   # an unreachable server fails first
+    start(cfg)                                   # an unreachable server fails first
     if hasattr(cfg.data, "channel_order"):
         cfg.data.channel_order = "rgb"               # load as stored: the order is applied here
     cs = load_dataset(cfg.data)
