@@ -156,6 +156,14 @@ class EvaluationConfig:
 
 
 @dataclass
+class SelectionConfig:               # nested selection: nothing is chosen on the outer test subject
+    mode: str = "none"               # none | best (one candidate per outer fold) | stack (all, weighted)
+    candidates: dict = field(default_factory=dict)   # name -> overrides of training.*, model.*, data.augmentation
+    inner_folds: int = 0             # 0: leave-one-subject-out over the outer fold's training subjects
+    metric: str = "uf1"              # uf1 | uar: pooled over the inner folds
+
+
+@dataclass
 class Stage1Config:
     scope: str = "per_fold"          # per_fold (leak-free) | all_subjects (the original's leak)
 
@@ -173,6 +181,7 @@ class Config:
     hpo: HPOConfig = field(default_factory=HPOConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     cnn_run_id: str = ""
     features_run_id: str = ""
     flow_run_id: str = ""
@@ -234,6 +243,8 @@ _CHOICES = {
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO", "LODO", "holdout"),
     "training.device": ("auto", "cpu", "cuda"),
+    "selection.mode": ("none", "best", "stack"),
+    "selection.metric": ("uf1", "uar"),
 }
 
 
@@ -287,6 +298,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.dropout' must be in [0, 1)")
     if cfg.training.cv_method == "StratifiedGroupKFold" and cfg.training.cv_folds < 2:
         raise ConfigError("config key 'training.cv_folds' must be >= 2")
+    if cfg.selection.mode != "none" or cfg.selection.candidates:
+        from mexp.engine.nested import check_selection     # lazy: config stays torch-free
+        check_selection(cfg)
     if cfg.synth.frames < 8:
         raise ConfigError("config key 'synth.frames' must be >= 8 (onset, apex, offset need room)")
 

@@ -97,7 +97,8 @@ def main(cfg: Config) -> dict:
         with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
             summary = cross_validate(cfg, STAGE, run, feats.plan, feats.table,
                                      lin["data_digest"], lin.get("dataset", "features"),
-                                     lin["classes"], make_fold_fn(cfg, feats, lin["classes"]))
+                                     lin["classes"],
+                                     lambda c: make_fold_fn(c, feats, lin["classes"]))
             summary["leak"] = leak
     warn = " -- LEAKING: the stage-1 CNN saw the test subjects" if leak else ""
     print(summary_line(STAGE, summary, summary["run_id"], warn))

@@ -73,7 +73,8 @@ def main(cfg: Config) -> dict:
             T + "model": cfg.model.name or "roi_transformer", T + "flow_method": meta["method"]}
     with stage_run(cfg, STAGE, tags=tags, resume_run_id=cfg.resume_run_id) as run:
         summary = cross_validate(cfg, STAGE, run, plan, table, meta["data_digest"],
-                                 meta["dataset"], classes, make_fold_fn(cfg, table, x, classes))
+                                 meta["dataset"], classes,
+                                 lambda c: make_fold_fn(c, table, x, classes))
     print(summary_line(STAGE, summary, summary["run_id"]))
     return summary
 

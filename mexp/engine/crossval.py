@@ -42,6 +42,7 @@ class FoldOutput:
     fit_ids: list[str]           # samples the model's weights were fitted on
     select_ids: list[str]        # samples the epoch was selected on (validation subjects)
     example: np.ndarray | None = None   # one input batch (1, ...) as the network takes it
+    notes: dict | None = None    # nested selection: what was chosen and the inner scores
 
 
 def fit_and_score(cfg, k: int, fold: Fold, make_model: Callable, train: tuple, val: tuple,
@@ -176,5 +177,6 @@ def predictions_table(results: list[dict], table: pd.DataFrame, classes) -> pd.D
                          "fold": r["fold"], "label": int(m["label"]), "pred": int(np.argmax(p)),
                          **{f"prob_{c}": float(v) for c, v in zip(classes, p)},
                          "best_epoch": r["best_epoch"], "selected_on": r["selected_on"],
+                         **({"selected": r["selection"]["selected"]} if "selection" in r else {}),
                          "fold_run_id": r["fold_run_id"]})
     return pd.DataFrame(rows)

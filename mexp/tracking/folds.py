@@ -29,6 +29,7 @@ from mexp.data.inputs import check_channels, images
 from mexp.data.paths import safe_name
 from mexp.engine.crossval import FoldOutput, predictions_table, run_plan
 from mexp.engine.metrics import breakdown, confusion, scores
+from mexp.engine.nested import NestedFolds
 from mexp.engine.plans import Fold, FoldPlan, check_plan
 from mexp.engine.setup import fold_plan, fold_workers
 from mexp.tracking import plots
@@ -109,6 +110,9 @@ class FoldLogger:
                                   for k, v in s.items()]
                     + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
         c.log_dict(rid, {"classes": self.classes, "matrix": cm.tolist()}, "confusion_matrix.json")
+        if out.notes:                       # nested selection: the choice and the inner scores
+            c.log_dict(rid, out.notes, "selection.json")
+            c.set_tag(rid, T + "selected", out.notes["selected"])
         c.log_figure(rid, plots.confusion_figure(cm, self.classes, f"fold {fold.name}"),
                      "confusion_matrix.png")
         with tempfile.TemporaryDirectory() as d:
@@ -125,7 +129,8 @@ class FoldLogger:
         result = {"fold": fold.name, "fold_run_id": rid, "test_ids": list(out.test_ids),
                   "probs": out.probs.round(6).tolist(), "best_epoch": out.fit.best_epoch,
                   "selected_on": out.fit.selected_on, "fit_ids": sorted(out.fit_ids),
-                  "select_ids": sorted(out.select_ids), "history": out.fit.history, "scores": s}
+                  "select_ids": sorted(out.select_ids), "history": out.fit.history, "scores": s,
+                  **({"selection": out.notes} if out.notes else {})}
         c.log_dict(self.parent, result, f"folds/{fold.name}.json")
         return result
 
@@ -193,9 +198,16 @@ def out_dir(cfg: Config) -> Path | None:
 
 
 def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: str,
-                   dataset: str, classes, fold_fn) -> dict:
+                   dataset: str, classes, make_fold_fn: Callable[[Config], Callable]) -> dict:
     """Inside a stage's run: the dataset input and fold plan, every fold, the pooled summary.
-    `table` needs sample_id, dataset, label and `group` (the CV subject) columns."""
+    `table` needs sample_id, dataset, label and `group` (the CV subject) columns;
+    `make_fold_fn(cfg)` is the stage's fold function for a config (nested selection builds one
+    per candidate)."""
+    fold_fn = make_fold_fn(cfg)
+    if cfg.selection.mode != "none":
+        fold_fn = NestedFolds(cfg, make_fold_fn, table, len(classes))
+        mlflow.set_tags({T + "selection": cfg.selection.mode,
+                         T + "candidates": ",".join(cfg.selection.candidates)})
     log_dataset(table, digest, dataset)
     log_plan(plan, table["sample_id"])
     summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
@@ -223,6 +235,6 @@ def clip_stage(cfg: Config, stage: str, default_model: str, make_fold_fn: Callab
             return done
         summary = cross_validate(cfg, stage, run, plan, cs.table.assign(group=cs.groups),
                                  cs.digest, cfg.data.dataset, cs.classes,
-                                 make_fold_fn(cfg, cs, clips))
+                                 lambda c: make_fold_fn(c, cs, clips))
     print(summary_line(stage, summary, summary["run_id"]))
     return summary

@@ -1,0 +1,104 @@
+"""Nested selection (#16): inside each outer fold an inner subject-grouped cross-validation over
+the outer training subjects picks a candidate (or fits a stacker); the outer test subject is
+never seen. On three real MEGC2019 subjects with the closed-form members, so it runs in seconds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mexp import train_cnn
+from mexp.config import ConfigError, load_config
+from mexp.data.datasets import load_dataset
+from mexp.data.inputs import images
+from mexp.engine.nested import NestedFolds, candidate_configs
+from mexp.engine.setup import fold_plan
+from mexp.tracking import evaluation
+from tests.conftest import flow28_slice, store_at
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECTS = ("sub06", "sub17", "016", "s15")     # 2 CASME II, 1 SAMM, 1 SMIC
+CANDIDATES = "selection.candidates={lr: {model.name: logreg}, svm: {model.name: svm_rbf}}"
+
+
+@pytest.fixture(scope="module")
+def subset(shared_data, tmp_path_factory) -> Path:
+    return flow28_slice(shared_data, tmp_path_factory.mktemp("flow28"), SUBJECTS)
+
+
+def _cfg(root, *extra):
+    return load_config(ROOT / "configs/megc2019_flow.yaml", [
+        f"data.root={root}", "repeats=1", "training.fold_workers=1", "training.device=cpu",
+        "output.local=false", "model.name=logreg", CANDIDATES, "selection.mode=best", *extra])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["selection.mode=stack", "selection.candidates={a: {model.name: logreg}}"], "two candidates"),
+    (["training.val_fraction=0.2"], "needs training.val_fraction=0"),
+    (["selection.candidates={a: {training.cv_method: LOSO}}"], "cannot vary between candidates"),
+    (["selection.candidates={a: {training.epohcs: 3}}"], "selection.candidates.a: unknown config key 'training.epohcs'"),
+    (["selection.mode=none"], "selection.mode is none"),
+    (["selection.inner_folds=1"], "selection.inner_folds must be 0"),
+])
+def test_a_bad_selection_is_refused_by_the_config(subset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(subset, *overrides)
+
+
+def _nested(cfg):
+    cs = load_dataset(cfg.data)
+    clips = images(cfg, cs)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels, cs.table["dataset"])
+    nested = NestedFolds(cfg, lambda c: train_cnn.make_fold_fn(c, cs, clips),
+                         cs.table.assign(group=cs.groups), len(cs.classes))
+    return cs, clips, plan, nested
+
+
+def test_the_choice_is_made_on_the_inner_folds_and_refitted_on_the_outer_training_subjects(subset):
+    cfg = _cfg(subset)
+    cs, clips, plan, nested = _nested(cfg)
+    fold = plan.folds[0]
+    out = nested(0, fold)
+    inner = nested.inner_plan(fold)
+    assert {s for f in inner.folds for s in f.test_subjects} == set(fold.train_subjects)
+    assert out.notes["selected"] == max(out.notes["inner"], key=lambda n: (
+        out.notes["inner"][n]["uf1"], out.notes["inner"][n]["uar"]))
+    assert sorted(out.select_ids) == sorted(fold.train_ids) and out.notes["inner_samples"] == len(
+        fold.train_ids)
+    plain = train_cnn.make_fold_fn(candidate_configs(cfg)[out.notes["selected"]], cs, clips)(0, fold)
+    np.testing.assert_allclose(out.probs, plain.probs, atol=1e-12)   # the refit is the plain fold
+    assert out.fit.selected_on == f"nested:{out.notes['selected']}"
+
+
+def test_the_test_subjects_labels_cannot_change_the_choice(subset):
+    """Shuffle the test subject's labels: every inner score and the choice stay the same."""
+    cfg = _cfg(subset, "selection.mode=stack")
+    cs, clips, plan, nested = _nested(cfg)
+    fold = plan.folds[0]
+    a = nested(0, fold)
+    test = np.isin(cs.table["sample_id"], fold.test_ids)
+    cs.table.loc[test, "label"] = (cs.labels[test] + 1) % 3     # every test label now wrong
+    b = NestedFolds(cfg, lambda c: train_cnn.make_fold_fn(c, cs, clips),
+                    cs.table.assign(group=cs.groups), len(cs.classes))(0, fold)
+    assert a.notes == b.notes
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-9)
+    assert abs(sum(a.notes["weights"].values()) - 1) < 1e-3
+    np.testing.assert_allclose(a.probs.sum(1), 1, atol=1e-6)
+
+
+def test_a_nested_run_logs_each_folds_choice_and_reproduces(subset, tmp_path):
+    from mlflow.tracking import MlflowClient
+    with store_at(tmp_path):
+        s = train_cnn.main(_cfg(subset, "selection.mode=stack"))
+        client = MlflowClient()
+        run = client.get_run(s["run_id"])
+        assert run.data.tags["mexp.selection"] == "stack"
+        folds = client.search_runs([run.info.experiment_id],
+                                   f"tags.mlflow.parentRunId = '{s['run_id']}'")
+        assert len(folds) == len(SUBJECTS)
+        for f in folds:
+            assert f.data.tags["mexp.selected"] in ("lr", "svm")
+            assert "selection.json" in [a.path for a in client.list_artifacts(f.info.run_id)]
+        report, bad = evaluation.evaluate(s["run_id"])
+        assert bad == [] and report["pooled"]["n"] == s["n"]
