@@ -60,14 +60,34 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+# The view the screenshot shows: MLflow's "Model training" layout, the scores as columns, the
+# stage and its upstream runs as tags. MLflow loads a view from the experiment tag
+# `mlflow.sharedViewState.<key>` when the page's URL names the key (its "share view" link).
+VIEW_KEY = "mexp-scores"
+COLUMNS = ["metrics.`test/uf1`", "metrics.`test/uar`", "metrics.`test/accuracy`",
+           "metrics.`repeats/uf1_mean`", "tags.`mexp.stage`", "tags.`mexp.model`",
+           "attributes.`Dataset`"]
+
+
+def set_view(client, experiment_id: str) -> str:
+    """Mark the experiment as model training (not GenAI) and store the scores view on it."""
+    import json
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    state = {"selectedColumns": COLUMNS, "orderByKey": "attributes.start_time",
+             "orderByAsc": False, "runsExpanded": {}}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+    return f"?viewStateShareKey={VIEW_KEY}"
+
+
 def screenshot(url: str, experiment: str, out: Path, wait_ms: int = 20000) -> Path:
     import mlflow
     from mlflow.tracking import MlflowClient
     mlflow.set_tracking_uri(url)
-    exp = MlflowClient().get_experiment_by_name(experiment)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise RuntimeError(f"no experiment '{experiment}' on {url}")
-    page = f"{url}/#/experiments/{exp.experiment_id}/runs"
+    page = f"{url}/#/experiments/{exp.experiment_id}/runs{set_view(client, exp.experiment_id)}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
         budget = [f"--virtual-time-budget={wait_ms}", "--window-size=1600,1000"]
