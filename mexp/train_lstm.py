@@ -70,6 +70,20 @@ def resolve_features(cfg: Config, tmp: Path) -> Features:
                        "this config first, or set data.features_dir to a folder it wrote")
 
 
+def adopt_plan(cfg: Config, plan: FoldPlan) -> None:
+    """The fold plan comes from the features run: the run's params say that plan, not the
+    config's own cv keys."""
+    t = cfg.training
+    if plan.method == "StratifiedGroupKFold":
+        method, folds = plan.method, len(plan.folds)
+    else:
+        method, folds = plan.method, t.cv_folds
+    if (t.cv_method, t.cv_folds) != (method, folds):
+        log.info("fold plan from the features run: training.cv_method=%s, cv_folds=%d "
+                 "(the config said %s, %d)", method, folds, t.cv_method, t.cv_folds)
+    t.cv_method, t.cv_folds = method, folds
+
+
 def make_fold_fn(cfg: Config, feats: Features, classes):
     ids = feats.table["sample_id"].to_numpy()
     pos = {s: i for i, s in enumerate(ids)}
@@ -89,6 +103,7 @@ def main(cfg: Config) -> dict:
     start(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         feats = resolve_features(cfg, Path(tmp))
+        adopt_plan(cfg, feats.plan)
         lin = feats.lineage
         leak = bool(lin.get("leak"))
         tags = {T + "parent_run_id": feats.run_id, T + "features_run_id": feats.run_id,

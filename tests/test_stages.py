@@ -144,8 +144,11 @@ def test_all_subjects_scope_is_tagged_and_reported_as_leaking(cfg, capsys):
     cfg.cnn_run_id = cnn["run_id"]
     f = extract_features.main(cfg)
     cfg.features_run_id = f["run_id"]
+    cfg.training.cv_method, cfg.training.cv_folds = "LOSO", 9     # the plan is the features run's
     s = train_lstm.main(cfg)
     assert s["leak"] is True
+    params = MlflowClient().get_run(s["run_id"]).data.params
+    assert (params["training.cv_method"], params["training.cv_folds"]) == ("StratifiedGroupKFold", "3")
     assert "LEAKING" in capsys.readouterr().out
 
 
