@@ -48,15 +48,33 @@ def fold_weights(cnn_run_id: str, fold: str, leak: bool) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@torch.no_grad()
-def embed(model, clips: np.ndarray, device, batch: int = 256) -> np.ndarray:
-    """(N, T, H, W, C) uint8 -> (N, T, D) float16 per-frame embeddings."""
-    model.eval().to(device)
+BATCH = 512          # frames per forward pass
+MODELS_AT_ONCE = 8   # fold CNNs held in memory together (LOSO has one per subject)
+
+
+def embed_all(models, clips: np.ndarray, device, batch: int = BATCH,
+              dtype=np.float16) -> list[np.ndarray]:
+    """(N, T, H, W, C) uint8 -> one (N, T, D) array of per-frame embeddings per model (float16
+    as stored; `dtype=np.float32` before that rounding). Each batch of frames is converted to a
+    tensor once and pushed through every model, under inference mode."""
+    models = [m.eval().to(device) for m in models]
     n, t = clips.shape[:2]
     frames = clips.reshape(n * t, *clips.shape[2:])
-    out = [model.forward_features(images_to_tensor(frames[i:i + batch]).to(device)).cpu()
-           for i in range(0, len(frames), batch)]
-    return torch.cat(out).numpy().astype(np.float16).reshape(n, t, -1)
+    outs: list[np.ndarray | None] = [None] * len(models)
+    with torch.inference_mode():
+        for i in range(0, len(frames), batch):
+            x = images_to_tensor(frames[i:i + batch]).to(device)
+            for j, model in enumerate(models):
+                f = model.forward_features(x).cpu().numpy()
+                if outs[j] is None:
+                    outs[j] = np.empty((len(frames), f.shape[1]), dtype)
+                outs[j][i:i + len(f)] = f
+    return [o.reshape(n, t, -1) for o in outs]
+
+
+def embed(model, clips: np.ndarray, device, batch: int = BATCH) -> np.ndarray:
+    """(N, T, H, W, C) uint8 -> (N, T, D) float16 per-frame embeddings of one model."""
+    return embed_all([model], clips, device, batch)[0]
 
 
 def main(cfg: Config) -> dict:
@@ -78,10 +96,23 @@ def main(cfg: Config) -> dict:
         log_plan(plan, cs.table["sample_id"])
         fdir = Path(tmp) / "features"
         fdir.mkdir()
-        for fold in progress(plan.folds, desc="extract features", unit="fold"):
+        folds = list(plan.folds)
+        if leak:                        # one all-subjects CNN: the same features for every fold
             model = build_cnn(ccfg, clips.shape[-1], len(cs.classes))
-            model.load_state_dict(fold_weights(cnn_id, fold.name, leak))
-            np.save(fdir / f"fold={fold.name}.npy", embed(model, clips, device))
+            model.load_state_dict(fold_weights(cnn_id, folds[0].name, leak))
+            feats = embed(model, clips, device)
+            for fold in folds:
+                np.save(fdir / f"fold={fold.name}.npy", feats)
+            folds = []
+        groups = [folds[i:i + MODELS_AT_ONCE] for i in range(0, len(folds), MODELS_AT_ONCE)]
+        for group in progress(groups, desc=f"extract features ({len(folds)} folds)", unit="group"):
+            models = []
+            for fold in group:
+                model = build_cnn(ccfg, clips.shape[-1], len(cs.classes))
+                model.load_state_dict(fold_weights(cnn_id, fold.name, leak))
+                models.append(model)
+            for fold, feats in zip(group, embed_all(models, clips, device)):
+                np.save(fdir / f"fold={fold.name}.npy", feats)
         cs.table.assign(group=cs.groups).to_csv(fdir / "index.csv", index=False)
         plan.save(fdir / "fold_plan.json")
         (fdir / "lineage.json").write_text(json.dumps(
