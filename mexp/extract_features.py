@@ -29,7 +29,7 @@ from mexp.tracking.runs import LineageError, T, download, stage_run, start
 from mexp.tracking.lineage import resolve_parent
 from mexp.models.build import build_cnn
 from mexp.data.inputs import images
-from mexp.engine.embed import embed
+from mexp.engine.embed import MODELS_AT_ONCE, embed, embed_all
 
 log = logging.getLogger(__name__)
 STAGE = "extract_features"
@@ -69,10 +69,23 @@ def main(cfg: Config) -> dict:
         log_plan(plan, cs.table["sample_id"])
         fdir = Path(tmp) / "features"
         fdir.mkdir()
-        for fold in progress(plan.folds, desc="extract features", unit="fold"):
+        folds = list(plan.folds)
+        if leak:                        # one all-subjects CNN: the same features for every fold
             model = build_cnn(ccfg, clips.shape[-1], len(cs.classes))
-            model.load_state_dict(fold_weights(cnn_id, fold.name, leak))
-            np.save(fdir / f"fold={fold.name}.npy", embed(model, clips, device))
+            model.load_state_dict(fold_weights(cnn_id, folds[0].name, leak))
+            feats = embed(model, clips, device)
+            for fold in folds:
+                np.save(fdir / f"fold={fold.name}.npy", feats)
+            folds = []
+        groups = [folds[i:i + MODELS_AT_ONCE] for i in range(0, len(folds), MODELS_AT_ONCE)]
+        for group in progress(groups, desc=f"extract features ({len(folds)} folds)", unit="group"):
+            models = []
+            for fold in group:
+                model = build_cnn(ccfg, clips.shape[-1], len(cs.classes))
+                model.load_state_dict(fold_weights(cnn_id, fold.name, leak))
+                models.append(model)
+            for fold, feats in zip(group, embed_all(models, clips, device)):
+                np.save(fdir / f"fold={fold.name}.npy", feats)
         cs.table.assign(group=cs.groups).to_csv(fdir / "index.csv", index=False)
         plan.save(fdir / "fold_plan.json")
         (fdir / "lineage.json").write_text(json.dumps(

@@ -130,6 +130,37 @@ def test_no_test_subject_reaches_fitting_or_selection(cfg, tmp_path):
     assert not np.allclose(k0, k1)
 
 
+def test_feature_extraction_over_all_folds_at_once_equals_one_model_at_a_time():
+    """embed_all (each batch of frames through every fold CNN, inference mode, any batch size)
+    gives per model the features the per-fold loop before #17 gave (no_grad, batch 256)."""
+    from mexp.data.inputs import images_to_tensor
+    from mexp.engine.embed import embed, embed_all
+    from mexp.models import create_model
+    clips = np.random.default_rng(0).integers(0, 256, (5, 4, 32, 32, 1), dtype=np.uint8)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = create_model("cnn", num_classes=7, input_channels=1, feature_dim=16)
+        for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        models.append(m)
+    frames = images_to_tensor(clips.reshape(20, 32, 32, 1))
+    with torch.no_grad():
+        before = [m.eval().forward_features(frames).numpy().reshape(5, 4, -1) for m in models]
+    for batch in (3, 512):
+        after = embed_all(models, clips, torch.device("cpu"), batch, np.float32)
+        stored = embed_all(models, clips, torch.device("cpu"), batch)
+        for a, s, b in zip(after, stored, before):
+            assert a.shape == s.shape == (5, 4, 16) and s.dtype == np.float16
+            assert np.abs(a - b).max() <= 1e-5
+            # float16 storage: equal up to its own rounding (1 unit in the last place)
+            assert np.all(np.abs(s.astype(np.float32) - b) <= 1e-5 + np.abs(b) / 1024)
+    one = embed(models[1], clips, torch.device("cpu"))
+    assert np.array_equal(one, embed_all(models, clips, torch.device("cpu"))[1])
+    assert not np.allclose(before[0], before[1])
+
+
 def test_leak_guard_stops_a_fold_that_saw_its_test_subject():
     fold = Fold("k0", ["sub01"], ["sub02"], [], ["sub01_a"], ["sub02_a"], [])
     out = FoldOutput(["sub01_a"], np.zeros((1, 7)), FitResult(), ["sub02_a", "sub01_a"], [])
