@@ -21,7 +21,7 @@ from mexp import cli
 from mexp.config import Config
 from mexp.data.datasets import FLOW28, ClipSet
 from mexp.data.inputs import images_to_tensor, make_augment, stage1_frames
-from mexp.engine.crossval import FoldOutput, fit_and_score
+from mexp.engine.crossval import FoldOutput, RowFolds, fit_and_score
 from mexp.engine.plans import Fold
 from mexp.engine.training import fit, set_seed
 from mexp.models.build import build_cnn
@@ -36,18 +36,26 @@ STAGE = "train_cnn"
 
 
 def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray):
-    augment = make_augment("flow" if cfg.data.dataset == FLOW28 else "frames") \
-        if cfg.data.augmentation else None
+    kind = "flow" if cfg.data.dataset == FLOW28 else "frames"
+    augment = make_augment(kind) if cfg.data.augmentation else None
     ids = cs.table["sample_id"].to_numpy()
+    make_model = partial(build_cnn, cfg, clips.shape[-1], len(cs.classes))
+    if cfg.data.frames == "apex" or clips.shape[1] == 1:     # one image per clip: rows of one array
+        return RowFolds(cfg, make_model, clips[np.arange(len(cs)), cs.apex], cs.labels, ids,
+                        partial(clip_rows, cs), images_to_tensor, augment,
+                        kind if augment else "")
 
     def fold_fn(k: int, fold: Fold) -> FoldOutput:
         tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
         x_tr, owner = stage1_frames(clips[tr], cs.apex[tr], cfg.data.frames)
-        return fit_and_score(cfg, k, fold, lambda: build_cnn(cfg, clips.shape[-1], len(cs.classes)),
-                             (x_tr, cs.labels[tr][owner]), (clips[va, cs.apex[va]], cs.labels[va]),
-                             clips[te, cs.apex[te]], (ids[te], ids[tr], ids[va]),
-                             images_to_tensor, augment)
+        return fit_and_score(cfg, k, fold, make_model, (x_tr, cs.labels[tr][owner]),
+                             (clips[va, cs.apex[va]], cs.labels[va]), clips[te, cs.apex[te]],
+                             (ids[te], ids[tr], ids[va]), images_to_tensor, augment)
     return fold_fn
+
+
+def clip_rows(cs: ClipSet, fold: Fold) -> tuple:
+    return tuple(cs.subset(s) for s in (fold.train_ids, fold.val_ids, fold.test_ids))
 
 
 def train_all_subjects(cfg: Config, cs: ClipSet, clips: np.ndarray) -> None:

@@ -109,6 +109,26 @@ def fit_rows(cfg, k: int, fold: Fold, make_model: Callable, x: np.ndarray, y: np
                          (ids[te], ids[tr], ids[va]), to_input, augment)
 
 
+@dataclass
+class RowFolds:
+    """A stage's fold function whose folds are rows of one set of arrays (x, y, ids): called
+    as `(k, fold)` it is the plain fold recipe; fold batching (`mexp.engine.batched`) reads the
+    arrays and `rows(fold)` to train many folds as one vectorised model."""
+    cfg: object
+    make_model: Callable
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+    rows: Callable[[Fold], tuple]           # fold -> (train, val, test) row indices
+    to_input: Callable
+    augment: Callable | None = None
+    augment_kind: str = ""                  # flow | frames: what augment does, for the device
+
+    def __call__(self, k: int, fold: Fold) -> FoldOutput:
+        return fit_rows(self.cfg, k, fold, self.make_model, self.x, self.y, self.ids,
+                        self.rows(fold), self.to_input, self.augment)
+
+
 class Recorder(Protocol):
     """What `run_plan` hands each finished fold to (`mexp.tracking.folds.FoldLogger`)."""
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None: ...
