@@ -84,6 +84,7 @@ class TrainingConfig:
     device: str = "auto"             # auto | cpu | cuda
     num_threads: int = _neutral(0)   # torch threads; 0: leave torch's default
     fold_workers: int = _neutral(1)  # folds trained at once in processes; 0: one per core
+    fold_batching: str = "auto"      # all folds as one vectorised model: auto (CUDA) | on | off
 
 
 @dataclass
@@ -243,6 +244,7 @@ _CHOICES = {
     "training.optimizer": ("adam", "adamw", "sgd"),
     "training.cv_method": ("StratifiedGroupKFold", "LOSO", "LODO", "holdout"),
     "training.device": ("auto", "cpu", "cuda"),
+    "training.fold_batching": ("auto", "on", "off"),
     "selection.mode": ("none", "best", "stack"),
     "selection.metric": ("uf1", "uar"),
 }

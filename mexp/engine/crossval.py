@@ -140,12 +140,15 @@ class Recorder(Protocol):
 def run_plan(plan: FoldPlan, table: pd.DataFrame, num_classes: int,
              fold_fn: Callable[[int, Fold], FoldOutput], recorder: Recorder,
              done: dict[str, dict] | None = None, on_fold: Callable[[int, dict], None] | None = None,
-             oracle: bool = False, workers: int = 1, desc: str = "folds") -> list[dict]:
+             oracle: bool = False, workers: int = 1, desc: str = "folds",
+             batched_on=None) -> list[dict]:
     """Every fold of `plan` not in `done` (fold name -> result of a resumed run), trained by
     `fold_fn` (in `workers` processes if > 1), leak-checked and handed to `recorder` in plan
     order; `on_fold(k, running_scores)` after each fold (HPO prunes there). With `oracle`
     the validation split is the test fold (tagged and reported as such by the caller).
-    Returns the fold results in plan order, as the recorder recorded them."""
+    `batched_on` (a torch device) trains the folds as one vectorised model instead
+    (`mexp.engine.batched`; `fold_fn` must be a RowFolds). Returns the fold results in plan
+    order, as the recorder recorded them."""
     done = done or {}
     check_plan(plan, table["sample_id"])
     on_fold = on_fold or _ON_FOLD.get()
@@ -158,7 +161,13 @@ def run_plan(plan: FoldPlan, table: pd.DataFrame, num_classes: int,
     else:
         run_fold = fold_fn
     todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
-    outputs = fold_outputs(run_fold, todo, workers)
+    if batched_on is not None:
+        from mexp.engine.batched import batched_outputs
+        swap = (lambda f: replace(f, val_ids=f.test_ids, val_subjects=f.test_subjects)) \
+            if oracle else (lambda f: f)
+        outputs = batched_outputs(fold_fn, [(k, swap(f)) for k, f in todo], batched_on)
+    else:
+        outputs = fold_outputs(run_fold, todo, workers)
     try:
         for k, fold in enumerate(progress(plan.folds, desc=desc, unit="fold")):
             if fold.name not in done:

@@ -27,11 +27,13 @@ from mexp.config import Config
 from mexp.data.datasets import load_dataset
 from mexp.data.inputs import check_channels, images
 from mexp.data.paths import safe_name
+from mexp.engine.batched import choose
 from mexp.engine.crossval import FoldOutput, predictions_table, run_plan
 from mexp.engine.metrics import breakdown, confusion, scores
 from mexp.engine.nested import NestedFolds
 from mexp.engine.plans import Fold, FoldPlan, check_plan
 from mexp.engine.setup import fold_plan, fold_workers
+from mexp.engine.training import resolve_device
 from mexp.tracking import plots
 from mexp.tracking.datasets import log_dataset, log_plan
 from mexp.tracking.logged_models import create_fold_model
@@ -138,12 +140,14 @@ class FoldLogger:
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
               fold_fn: Callable[[int, Fold], FoldOutput], out_dir: Path | None = None,
               on_fold: Callable[[int, dict], None] | None = None, oracle: bool = False,
-              workers: int = 1) -> dict:
+              workers: int = 1, batching: str = "off", device: str = "auto") -> dict:
     """Run (or resume) every fold of `plan` under the active parent run, then log the pooled
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
     in plan order (HPO reports and prunes there). `oracle=True` selects epochs on the test
     fold, as some papers do: the run is tagged and its metrics are logged as oracle/*.
-    `workers > 1` trains that many folds at once in worker processes (`mexp.engine.pool`)."""
+    `workers > 1` trains that many folds at once in worker processes (`mexp.engine.pool`);
+    `batching` (training.fold_batching) may train them as one vectorised model instead
+    (`mexp.engine.batched`). The run's tag `mexp.fold_path` says which path was taken, and why."""
     parent = mlflow.active_run().info.run_id
     check_plan(plan, table["sample_id"])        # safeguard: no subject/database on two sides
     if oracle:
@@ -154,8 +158,15 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     if done:
         log.info("resuming: %d of %d folds already complete", len(done), len(plan.folds))
     _kill_stale_fold_runs(parent)          # a resumed run's in-flight folds died with it
+    dev = resolve_device(device)
+    batched, why = choose(batching, fold_fn, dev)
+    path = f"batched on {dev.type}" if batched else (f"{workers} fold processes" if workers > 1
+                                                     else "serial")
+    mlflow.set_tags({T + "fold_path": path, T + "fold_path_why": why})
+    log.info("folds: %s (%s)", path, why)
     results = run_plan(plan, table, len(classes), fold_fn, FoldLogger(parent, stage, classes, out_dir),
-                       done, on_fold=on_fold, oracle=oracle, workers=workers, desc=f"{stage} folds")
+                       done, on_fold=on_fold, oracle=oracle, workers=workers, desc=f"{stage} folds",
+                       batched_on=dev if batched else None)
     return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")
 
 
@@ -212,7 +223,8 @@ def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: 
     log_plan(plan, table["sample_id"])
     summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
                         out_dir(cfg), oracle=cfg.evaluation.oracle,
-                        workers=fold_workers(cfg))
+                        workers=fold_workers(cfg), batching=cfg.training.fold_batching,
+                        device=cfg.training.device)
     summary["run_id"] = run.info.run_id
     return summary
 

@@ -68,6 +68,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 return ""
             if isinstance(value, (dict, list)):
                 raise ValueError
+            if isinstance(value, bool):      # YAML 1.1 reads on/off/yes/no as booleans
+                return "on" if value else "off"
             return str(value)
     except (TypeError, ValueError):
         raise ConfigError(

@@ -1,0 +1,360 @@
+"""Fold batching (`training.fold_batching`): the R replicas of one small model that a
+cross-validation trains (one per fold) run in lockstep as one vectorised model.
+
+Parameters and buffers are stacked (`torch.func.stack_module_state`); a training step is
+`vmap(grad(loss))` over `functional_call` of one base module, then a stacked optimizer update
+(`mexp.engine.stacked`). The data go to the device once; each step gathers every replica's
+batch with one (R, B) index tensor and a (R, B) mask; the host plans an epoch ahead and reads
+back once per epoch. Per replica the semantics are `mexp.engine.training.fit` + `predict_proba`
+(tests/test_batched.py: float64 probabilities agree to ~1e-14, float32 to ~1e-5):
+- the model is built right after `set_seed(seed)`; `rng = default_rng(seed)`; each epoch
+  `order = rng.permutation(n_train)`, batches `np.sort(order[i:i + bs])`; a batch of one is
+  skipped when the model holds BatchNorm;
+- the loss is the replica's own class-weighted mean cross-entropy (padding weighs 0); a replica
+  with no batch in a step (a shorter epoch, a BatchNorm singleton, stopped early) keeps its
+  parameters, optimizer moments, BatchNorm statistics and step count: folds of different sizes
+  each run their own number of steps, and none biases another;
+- BatchNorm statistics over the replica's real samples only, running stats as nn.BatchNorm;
+- validation selection (lowest validation loss, early stopping) or the final epoch, per replica.
+Differences from the serial loop: augmentation runs on the device on the model inputs with
+each replica's own rng (same distribution as `make_augment`, another random stream), dropout
+draws per replica from the global generator, so with either the two paths differ within
+seed noise. Per-replica lr / weight decay (`Replica.lr`, `.weight_decay`) let a group of HPO
+trials or inner folds train as one batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+from mexp.engine.metrics import scores
+from mexp.engine.stacked import (_CTX, StackedOptimizer, as_augment, as_index, augment_inputs,
+                                 draw_augment, pad_rows, replace_batchnorm)
+from mexp.engine.training import class_weights, resolve_device, set_seed
+
+
+@dataclass
+class Replica:
+    """One fold x seed. Indices point into the shared X / y given to `fit_batched`."""
+    train_idx: np.ndarray
+    val_idx: np.ndarray | None
+    test_idx: np.ndarray
+    seed: int
+    lr: float | None = None                 # None: tcfg.lr
+    weight_decay: float | None = None       # None: tcfg.weight_decay
+    class_weighted: bool | None = None      # None: tcfg.class_weighted
+    name: str = ""
+
+
+@dataclass
+class ReplicaResult:
+    """`mexp.engine.training.FitResult`'s fields plus the test probabilities."""
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    selected_on: str = "final"
+    state: dict = field(default_factory=dict)
+    probs: np.ndarray | None = None
+
+
+def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per replica (leading axis) `new` where mask, else `old`."""
+    return torch.where(mask.reshape((len(mask),) + (1,) * (old.dim() - 1)), new, old)
+
+
+class Lockstep:
+    """The state of one batched fit: stacked weights, optimizer, data on the device."""
+
+    def __init__(self, make_model, X, y, replicas, tcfg, num_classes, to_input, augment,
+                 device, initial_states, eval_chunk, vmap_chunk):
+        self.R, self.tcfg, self.num_classes = len(replicas), tcfg, num_classes
+        self.dev = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.bs, self.epochs = int(tcfg.batch_size), int(tcfg.epochs)
+        self.patience = int(getattr(tcfg, "early_stopping", 0) or 0)
+        self.aug, self.eval_chunk = as_augment(augment), eval_chunk
+        self.y = np.array(y, np.int64)
+        if vmap_chunk == "auto":       # the CPU ran ~1.5x faster with a cache-sized working set
+            vmap_chunk = None if self.dev.type == "cuda" else 4
+        self._stack(make_model, replicas, initial_states)
+        with torch.no_grad():
+            self.Xd = torch.cat([to_input(X[i:i + 1024]) for i in range(0, len(X), 1024)]
+                                ).to(self.dev)
+        self.Yd = torch.as_tensor(self.y, device=self.dev)
+        self._settings(replicas)
+        self.step_fn = vmap(grad(self._loss, has_aux=True), randomness="different",
+                            chunk_size=vmap_chunk)
+        self.eval_fn = vmap(self._logits, randomness="different")
+
+    def _stack(self, make_model, replicas, initial_states) -> None:
+        models = []
+        for r, rep in enumerate(replicas):
+            set_seed(rep.seed)                      # as the serial fold recipe seeds its model
+            m = make_model()
+            if initial_states is not None:
+                m.load_state_dict(initial_states[r])
+            models.append(m.to(self.dev))
+        self.keys = list(models[0].state_dict().keys())
+        self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                          for m in models[0].modules())
+        self.base = copy.deepcopy(models[0])
+        replace_batchnorm(self.base)
+        params_all, buffers = stack_module_state(models)
+        trainable = {n for n, p in models[0].named_parameters() if p.requires_grad}
+        self.params = {k: v.detach().clone() for k, v in params_all.items() if k in trainable}
+        self.frozen = {k: v.detach().clone() for k, v in params_all.items() if k not in trainable}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self.nbt_keys = [k for k in self.buffers if k.endswith("num_batches_tracked")]
+
+    def _settings(self, replicas) -> None:
+        t, C = self.tcfg, self.num_classes
+        self.tr = [as_index(rep.train_idx) for rep in replicas]
+        self.va = [as_index(rep.val_idx) for rep in replicas]
+        self.te = [as_index(rep.test_idx) for rep in replicas]
+        lr = np.array([t.lr if rep.lr is None else rep.lr for rep in replicas], np.float64)
+        wd = np.array([t.weight_decay if rep.weight_decay is None else rep.weight_decay
+                       for rep in replicas], np.float64)
+        self.cw = torch.stack([
+            class_weights(self.y[i], C)
+            if (t.class_weighted if rep.class_weighted is None else rep.class_weighted)
+            else torch.ones(C) for rep, i in zip(replicas, self.tr)]).to(self.dev)   # (R, C)
+        self.opt_kind = t.optimizer if t.optimizer in ("adam", "adamw") else "sgd"
+        self.opt = StackedOptimizer(self.opt_kind, self.params, lr, wd)
+        self.rngs = [np.random.default_rng(rep.seed) for rep in replicas]
+        self.use_val = np.array([len(v) > 0 for v in self.va])
+        self.results = [ReplicaResult(selected_on="validation" if u else "final")
+                        for u in self.use_val]
+        self.best, self.stale = np.full(self.R, np.inf), np.zeros(self.R, np.int64)
+        self.done = np.zeros(self.R, bool)
+        keep = self.use_val.any()
+        self.best_p = {k: v.clone() for k, v in self.params.items()} if keep else None
+        self.best_b = {k: v.clone() for k, v in self.buffers.items()} if keep else None
+
+    def _loss(self, p, fz, b, x, yb, sw, mask):
+        _CTX.mask, _CTX.updates = mask, {}
+        try:
+            out = functional_call(self.base, (p, fz, b), (x,))
+            upd = _CTX.updates
+        finally:
+            _CTX.mask, _CTX.updates = None, None
+        nll = F.cross_entropy(out, yb, reduction="none")
+        tot = sw.sum()
+        loss = (nll * sw).sum() / torch.where(tot > 0, tot, torch.ones_like(tot))
+        return loss, (loss.detach(), upd)
+
+    def _logits(self, p, fz, b, x, mask):
+        _CTX.mask, _CTX.updates = mask, None
+        try:
+            return functional_call(self.base, (p, fz, b), (x,))
+        finally:
+            _CTX.mask = None
+
+    @torch.no_grad()
+    def predict(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        self.base.eval()
+        idx, mask = pad_rows(groups)
+        out = []
+        for i in range(0, idx.shape[1], self.eval_chunk):
+            it = torch.as_tensor(idx[:, i:i + self.eval_chunk], device=self.dev)
+            mt = torch.as_tensor(mask[:, i:i + self.eval_chunk], device=self.dev)
+            out.append(torch.softmax(self.eval_fn(self.params, self.frozen, self.buffers,
+                                                  self.Xd[it], mt.float()), -1))
+        probs = torch.cat(out, 1).cpu().numpy()
+        return [probs[r, :len(g)] for r, g in enumerate(groups)]
+
+    def plan_epoch(self, live: np.ndarray) -> dict:
+        """Every step's batch indices, masks and augmentation draws for one epoch (host)."""
+        bs, R, tr = self.bs, self.R, self.tr
+        steps = np.array([math.ceil(len(tr[r]) / bs) if not self.done[r] else 0 for r in range(R)])
+        S = int(steps.max()) if len(steps) else 0
+        B = min(bs, max(len(t) for t in tr)) if S else 1
+        idx, msk = np.zeros((S, R, B), np.int64), np.zeros((S, R, B), bool)
+        flip, shift = np.zeros((S, R, B), bool), np.zeros((S, R, B, 2), np.int64)
+        active = np.zeros((S, R), bool)
+        for r in live:
+            order = self.rngs[r].permutation(len(tr[r]))
+            if self.aug is not None:
+                fl, sh = draw_augment(self.rngs[r], len(tr[r]), self.aug.max_shift)
+            for s in range(steps[r]):
+                sl = order[s * bs:(s + 1) * bs]
+                j = np.argsort(sl, kind="stable")
+                k = len(sl)
+                idx[s, r, :k] = tr[r][sl[j]]                   # np.sort(order[i:i + bs])
+                msk[s, r, :k] = True
+                active[s, r] = k >= 2 or (k == 1 and not self.has_bn)
+                if self.aug is not None:
+                    pos = s * bs + j                            # each sample keeps its draw
+                    flip[s, r, :k], shift[s, r, :k] = fl[pos], sh[pos]
+        t = lambda a: torch.as_tensor(a, device=self.dev)      # noqa: E731
+        sc = torch.as_tensor(self.opt.plan(active), dtype=self.Xd.dtype, device=self.dev)
+        return {"S": S, "idx": t(idx), "mask": t(msk & active[:, :, None]).float(),
+                "active": t(active), "flip": t(flip), "shift": t(shift), "sc": sc,
+                "first": sc[:, 1] > 0.5 if self.opt_kind == "sgd" else None}
+
+    def run_epoch(self, plan: dict) -> np.ndarray:
+        """The epoch's steps, with no host sync inside; the mean training loss per replica."""
+        total = torch.zeros(self.R, dtype=torch.float64, device=self.dev)
+        self.base.train()
+        for s in range(plan["S"]):
+            it = plan["idx"][s]
+            xb, yb = self.Xd[it], self.Yd[it]
+            if self.aug is not None:
+                xb = augment_inputs(xb, plan["flip"][s], plan["shift"][s, ..., 0],
+                                    plan["shift"][s, ..., 1],
+                                    self.aug.u_channel if self.aug.kind == "flow" else None)
+            mk = plan["mask"][s]
+            sw = torch.gather(self.cw, 1, yb) * mk
+            grads, (loss, upd) = self.step_fn(self.params, self.frozen, self.buffers, xb, yb, sw, mk)
+            self.opt.step(self.params, grads, plan["sc"][s],
+                          plan["first"][s] if plan["first"] is not None else None)
+            a = plan["active"][s]
+            with torch.no_grad():
+                for name, (rm, rv) in upd.items():
+                    for suffix, new in ((".running_mean", rm), (".running_var", rv)):
+                        old = self.buffers[name + suffix]
+                        old.copy_(_where(a, new, old))
+                for k in self.nbt_keys:
+                    self.buffers[k].add_(a.to(self.buffers[k].dtype))
+                total += torch.where(a, loss.double() * mk.sum(1).double(), 0.0)
+        return total.cpu().numpy() / np.maximum([len(t) for t in self.tr], 1)
+
+    def validate(self, epoch: int, live: np.ndarray, rows: dict) -> None:
+        """Validation scores per replica with a split; keep each replica's best weights."""
+        vl = [r for r in live if self.use_val[r]]
+        if not vl:
+            return
+        probs = self.predict([self.va[r] if r in set(vl) else self.va[r][:0] for r in range(self.R)])
+        improved = np.zeros(self.R, bool)
+        for r in vl:
+            yv, pv = self.y[self.va[r]], probs[r]
+            nll = -np.log(np.clip(pv[np.arange(len(yv)), yv], 1e-12, None)).mean()
+            s = scores(yv, pv.argmax(1), self.num_classes)
+            ev = {"loss": float(nll), "uf1": s["uf1"], "uar": s["uar"], "accuracy": s["accuracy"]}
+            rows[r].update({f"val/{k}": v for k, v in ev.items()})
+            if ev["loss"] < self.best[r] - 1e-6:
+                self.best[r], self.stale[r], self.results[r].best_epoch = ev["loss"], 0, epoch
+                improved[r] = True
+            else:
+                self.stale[r] += 1
+        if improved.any():
+            imp = torch.as_tensor(improved, device=self.dev)
+            with torch.no_grad():
+                for src, dst in ((self.params, self.best_p), (self.buffers, self.best_b)):
+                    for k, v in src.items():
+                        dst[k].copy_(_where(imp, v, dst[k]))
+
+    def finish(self) -> list[ReplicaResult]:
+        """Kept weights (the best validation epoch, else the final one), test probabilities."""
+        res = self.results
+        keep_best = np.array([self.use_val[r] and res[r].best_epoch > 0 for r in range(self.R)])
+        with torch.no_grad():
+            if keep_best.any():
+                kb = torch.as_tensor(keep_best, device=self.dev)
+                for src, dst in ((self.best_p, self.params), (self.best_b, self.buffers)):
+                    for k, v in src.items():
+                        dst[k].copy_(_where(kb, v, dst[k]))
+        for r in range(self.R):
+            if not keep_best[r]:
+                res[r].best_epoch = len(res[r].history)
+        probs = self.predict(self.te)
+        allp = {**self.params, **self.frozen, **self.buffers}
+        for r in range(self.R):
+            res[r].state = {k: allp[k][r].detach().clone().cpu() for k in self.keys}
+            res[r].probs = probs[r]
+        return res
+
+
+def fit_batched(make_model: Callable[[], nn.Module], X: np.ndarray, y: np.ndarray,
+                replicas: Sequence[Replica], tcfg, num_classes: int,
+                to_input: Callable[[np.ndarray], torch.Tensor], augment=None,
+                device=None, initial_states: Sequence[dict] | None = None,
+                eval_chunk: int = 256, vmap_chunk: int | str | None = "auto",
+                on_epoch: Callable[[int], None] | None = None) -> list[ReplicaResult]:
+    """Train every replica in lockstep (the module docstring says how). `X` is every sample
+    any replica uses, as `to_input` takes it; `tcfg` has epochs, batch_size, lr, optimizer,
+    weight_decay, early_stopping, class_weighted, device; `augment` is None, 'flow',
+    'frames' or a `stacked.TorchAugment`. One ReplicaResult per replica, in order."""
+    if not replicas:
+        return []
+    device = device if device is not None else getattr(tcfg, "device", "auto")
+    ls = Lockstep(make_model, X, y, replicas, tcfg, num_classes, to_input, augment,
+                  device, initial_states, eval_chunk, vmap_chunk)
+    for epoch in range(1, ls.epochs + 1):
+        live = np.flatnonzero(~ls.done)
+        if not len(live):
+            break
+        train_loss = ls.run_epoch(ls.plan_epoch(live))
+        rows = {r: {"epoch": epoch, "train/loss": float(train_loss[r])} for r in live}
+        ls.validate(epoch, live, rows)
+        for r in live:
+            ls.results[r].history.append(rows[r])
+            if ls.patience and ls.stale[r] >= ls.patience:
+                ls.done[r] = True
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return ls.finish()
+
+
+# Largest model `fold_batching: auto` stacks on a GPU (parameters per replica): the field's
+# flow nets are 1.7K (STSTNet) to 6.5M (Dual-Inception).
+AUTO_MAX_PARAMS = 10_000_000
+
+
+def choose(mode: str, fold_fn, device: torch.device) -> tuple[bool, str]:
+    """(batch the folds?, why) for `training.fold_batching` = auto | on | off. Batching needs a
+    fold function made of rows of one array set (`RowFolds`) and a model trained by epochs;
+    `auto` batches on CUDA only: on 2 CPU cores the batched MEGC2019 run used 1.12x the CPU
+    time of the serial one (BENCHMARKS.md)."""
+    from mexp.engine.crossval import RowFolds
+    if mode == "off":
+        return False, "training.fold_batching=off"
+    if not isinstance(fold_fn, RowFolds):
+        return False, "this stage's folds are not rows of one array set (or selection is nested)"
+    model = fold_fn.make_model()
+    if hasattr(model, "fit_numpy"):
+        return False, "a closed-form model (fitted once, no epochs)"
+    if mode == "on":
+        return True, "training.fold_batching=on"
+    n = sum(p.numel() for p in model.parameters())
+    if device.type != "cuda":
+        return False, "auto: on the CPU the fold processes are faster"
+    if n > AUTO_MAX_PARAMS:
+        return False, f"auto: {n:,} parameters is over the {AUTO_MAX_PARAMS:,} limit"
+    return True, f"auto: CUDA and a {n:,}-parameter model"
+
+
+def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256):
+    """Yield `(k, fold, FoldOutput)` for every `(k, fold)` of `todo`, in order, training up
+    to `chunk` folds at a time as one vectorised model (seed `cfg.training.seed + k`, as the
+    serial fold recipe). Each fold's arrays pass the same leak check first."""
+    from mexp.engine.crossval import FoldOutput, assert_rows_apart
+    from mexp.engine.training import FitResult
+    from mexp.util.progress import progress
+    cfg, f = fold_fn.cfg, fold_fn
+    num_classes = f.make_model().num_classes
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        reps = []
+        for k, fold in part:
+            tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
+            oracle = bool(set(fold.val_ids) & set(fold.test_ids))
+            assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
+            reps.append(Replica(tr, va, te, seed=cfg.training.seed + k, name=fold.name))
+        bar = progress(total=cfg.training.epochs, desc=f"{len(part)} folds batched", unit="ep",
+                       leave=False)
+        results = fit_batched(f.make_model, f.x, f.y, reps, cfg.training, num_classes,
+                              f.to_input, f.augment_kind or None, device,
+                              on_epoch=lambda e: bar.update(1))
+        bar.close()
+        for (k, fold), rep, res in zip(part, reps, results):
+            fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
+            example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()
+            yield k, fold, FoldOutput(list(f.ids[rep.test_idx]), res.probs, fit,
+                                      list(f.ids[rep.train_idx]), list(f.ids[rep.val_idx]),
+                                      example)

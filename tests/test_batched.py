@@ -1,0 +1,286 @@
+"""Fold batching (#15): R replicas trained in lockstep give what the serial engine gives, per
+replica, with the same initial weights and batch order (no augmentation, no dropout):
+different training-set sizes (one replica skips a batch of one, one runs more steps),
+BatchNorm, adam / adamw / sgd, with and without a validation split."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mexp.data.inputs import images_to_tensor, make_augment
+from mexp.engine import batched as fb
+from mexp.engine import training as engine
+from mexp.engine.stacked import augment_inputs
+from mexp.models import create_model
+
+TOL = 1e-5
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+        # conv(bias) -> ReLU -> BN as in STSTNet; a bias straight before BN would get a ~0
+        # gradient whose rounding noise Adam amplifies to +-lr steps (ill-posed to compare)
+        self.f = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
+                               nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1, bias=False),
+                               nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                               nn.Flatten())
+        self.head = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.head(self.f(x))
+
+
+def tcfg(**kw):
+    base = dict(epochs=4, batch_size=8, lr=3e-3, optimizer="adam", weight_decay=1e-3,
+                early_stopping=0, class_weighted=True, device="cpu")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def data(n=70, side=8, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 256, (n, side, side, 3)).astype(np.uint8)
+    x[..., 0] = np.clip(x[..., 0].astype(int) + 60 * (y[:, None, None] - 1), 0, 255)
+    return x, y
+
+
+def replicas(n, with_val, seed0=5):
+    """Train sizes 33 (bs 8: last batch of 1, skipped), 20, 45 (most steps), 12."""
+    perm = np.random.default_rng(123).permutation(n)
+    out = []
+    for r, ntr in enumerate((33, 20, 45, 12)):
+        p = np.roll(perm, 11 * r)
+        nva = (6 + r) if with_val else 0
+        out.append(fb.Replica(train_idx=p[:ntr], val_idx=p[ntr:ntr + nva],
+                              test_idx=p[ntr + nva:ntr + nva + 9 + r], seed=seed0 + 3 * r))
+    return out
+
+
+def serial(make_model, x, y, reps, cfg):
+    out = []
+    for rep in reps:
+        engine.set_seed(rep.seed)
+        model = make_model()
+        val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
+        res = engine.fit(model, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3,
+                         images_to_tensor, None, seed=rep.seed)
+        probs = engine.predict_proba(model, x[rep.test_idx], images_to_tensor, cfg.batch_size,
+                                     torch.device("cpu"))
+        out.append((res, probs))
+    return out
+
+
+def compare(make_model, cfg, with_val, n=70):
+    x, y = data(n)
+    reps = replicas(n, with_val)
+    got = fb.fit_batched(make_model, x, y, reps, cfg, 3, images_to_tensor, device="cpu")
+    want = serial(make_model, x, y, reps, cfg)
+    worst = 0.0
+    for g, (res, probs) in zip(got, want):
+        assert g.probs.shape == probs.shape
+        worst = max(worst, float(np.abs(g.probs - probs).max()))
+        assert g.best_epoch == res.best_epoch
+        assert g.selected_on == res.selected_on
+        assert len(g.history) == len(res.history)
+        assert list(g.state) == list(res.state)
+        for k in res.state:
+            assert torch.allclose(g.state[k].double(), res.state[k].double(), atol=1e-4), k
+        for gh, wh in zip(g.history, res.history):
+            assert set(gh) == set(wh)
+            for k in wh:
+                assert abs(gh[k] - wh[k]) < 1e-4, (k, gh[k], wh[k])
+    print(f"max |p_batched - p_serial| = {worst:.3g}; best epochs "
+          f"{[g.best_epoch for g in got]} of {[len(g.history) for g in got]}")
+    assert worst < TOL
+    return worst
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("with_val", [False, True])
+def test_tiny_bn_net_matches_serial(opt, with_val):
+    cfg = tcfg(optimizer=opt, lr=0.05 if opt == "sgd" else 3e-3,
+               early_stopping=1 if with_val else 0, epochs=4 if with_val else 3)
+    compare(TinyNet, cfg, with_val)
+
+
+def test_unweighted_no_decay():
+    compare(TinyNet, tcfg(class_weighted=False, weight_decay=0.0), False)
+
+
+@pytest.mark.parametrize("opt,with_val", [("adamw", False), ("adam", True)])
+def test_ststnet_matches_serial(opt, with_val):
+    make = lambda: create_model("ststnet", num_classes=3, input_channels=3)  # noqa: E731
+    x, y = data(70, side=28)
+    reps = replicas(70, with_val)
+    cfg = tcfg(optimizer=opt, epochs=4, early_stopping=1 if with_val else 0, lr=1e-3,
+               weight_decay=1e-4)
+    got = fb.fit_batched(make, x, y, reps, cfg, 3, images_to_tensor, device="cpu")
+    want = serial(make, x, y, reps, cfg)
+    worst = max(float(np.abs(g.probs - p).max()) for g, (_, p) in zip(got, want))
+    print(f"ststnet max |p_batched - p_serial| = {worst:.3g}; best epochs "
+          f"{[g.best_epoch for g in got]} of {[len(g.history) for g in got]}")
+    assert [g.best_epoch for g in got] == [r.best_epoch for r, _ in want]
+    assert worst < TOL
+
+
+@pytest.mark.parametrize("net,opt,with_val", [("ststnet", "adam", True),
+                                              ("tiny", "sgd", True), ("tiny", "adamw", False)])
+def test_float64_is_exact(net, opt, with_val):
+    """In float64 the batched and serial runs agree to ~1e-14: the float32 differences above
+    are rounding (grouped vs single convolutions, reduction order), not semantics.
+    (Unweighted: the engine's float32 class weights do not mix with float64 logits.)"""
+    dt = torch.float64
+
+    def make():
+        m = create_model("ststnet", num_classes=3, input_channels=3) if net == "ststnet" \
+            else TinyNet()
+        return m.to(dt)
+
+    def to_input(x):
+        return images_to_tensor(x).to(dt)
+
+    side = 28 if net == "ststnet" else 8
+    x, y = data(70, side=side)
+    reps = replicas(70, with_val)
+    cfg = tcfg(optimizer=opt, lr=0.05 if opt == "sgd" else 3e-3, epochs=4,
+               early_stopping=1 if with_val else 0, class_weighted=False)
+    got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
+    worst = 0.0
+    for g, rep in zip(got, reps):
+        engine.set_seed(rep.seed)
+        m = make()
+        val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
+        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3, to_input,
+                         seed=rep.seed)
+        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+        worst = max(worst, float(np.abs(g.probs - p).max()))
+        assert g.best_epoch == res.best_epoch and len(g.history) == len(res.history)
+    print(f"float64 {net} {opt}: max |p_batched - p_serial| = {worst:.3g}")
+    assert worst < 1e-10
+
+
+def test_initial_states_are_used():
+    """Serial models built by loading each replica's initial state (not by re-seeding)."""
+    x, y = data(70)
+    reps = replicas(70, False)
+    torch.manual_seed(99)
+    inits = [TinyNet().state_dict() for _ in reps]
+    cfg = tcfg()
+    got = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor, device="cpu",
+                         initial_states=inits)
+    for g, rep, init in zip(got, reps, inits):
+        m = TinyNet()
+        m.load_state_dict(init)
+        engine.fit(m, (x[rep.train_idx], y[rep.train_idx]), None, cfg, 3, images_to_tensor,
+                   seed=rep.seed)
+        p = engine.predict_proba(m, x[rep.test_idx], images_to_tensor, 8, torch.device("cpu"))
+        assert np.abs(g.probs - p).max() < TOL
+
+
+def test_per_replica_lr_and_frozen_replica():
+    """Per-replica lr / weight decay; a replica with lr 0 and no decay keeps its weights."""
+    x, y = data(70)
+    reps = replicas(70, False)
+    reps[1].lr, reps[1].weight_decay = 0.0, 0.0
+    reps[2].lr, reps[3].weight_decay = 1e-2, 0.1
+    cfg = tcfg(optimizer="adamw")
+    got = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor, device="cpu")
+    engine.set_seed(reps[1].seed)
+    init = TinyNet().state_dict()
+    for k, v in init.items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(got[1].state[k], v), k
+    for r, rep in enumerate(reps):
+        c = tcfg(optimizer="adamw", lr=rep.lr if rep.lr is not None else cfg.lr,
+                 weight_decay=rep.weight_decay if rep.weight_decay is not None
+                 else cfg.weight_decay)
+        (_, p), = serial(TinyNet, x, y, [rep], c)
+        assert np.abs(got[r].probs - p).max() < 1e-4
+
+
+def test_augment_matches_numpy_make_augment():
+    """Given the same draws, the device augmentation equals make_augment('flow') on uint8
+    images followed by images_to_tensor."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 7, 9, 3)).astype(np.uint8)
+    flip = rng.random(10) < 0.5
+    shifts = rng.integers(-2, 3, (10, 2))
+
+    class Replay:                                   # feeds make_augment these draws
+        def __init__(self):
+            self.i = 0
+
+        def random(self, n):
+            return np.where(flip, 0.25, 0.75)
+
+        def integers(self, lo, hi, n):
+            self.i += 1
+            return shifts[self.i - 1]
+
+    want = images_to_tensor(make_augment("flow")(x, Replay()))
+    t = images_to_tensor(x)[None]                    # (1, 10, C, H, W): R=1, B=10
+    got = augment_inputs(t, torch.as_tensor(flip)[None], torch.as_tensor(shifts[:, 0])[None],
+                            torch.as_tensor(shifts[:, 1])[None], negate_channel=0)[0]
+    assert torch.equal(got, want)
+    want_f = images_to_tensor(make_augment("frames")(x, Replay()))
+    got_f = augment_inputs(t, torch.as_tensor(flip)[None], torch.as_tensor(shifts[:, 0])[None],
+                              torch.as_tensor(shifts[:, 1])[None], negate_channel=None)[0]
+    assert torch.equal(got_f, want_f)
+
+
+def test_augmented_run_trains_and_is_reproducible():
+    x, y = data(70, side=28)
+    reps = replicas(70, False)
+    make = lambda: create_model("ststnet", num_classes=3, input_channels=3)  # noqa: E731
+    a = fb.fit_batched(make, x, y, reps, tcfg(epochs=2), 3, images_to_tensor, "flow",
+                       device="cpu")
+    b = fb.fit_batched(make, x, y, reps[:2], tcfg(epochs=2), 3, images_to_tensor, "flow",
+                       device="cpu")
+    for g, h in zip(a[:2], b):            # a replica's run does not depend on its neighbours
+        assert np.abs(g.probs - h.probs).max() < TOL
+    assert all(np.isfinite(g.probs).all() for g in a)
+
+
+def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp_path):
+    """train_cnn on four real MEGC2019 subjects (LOSO, STSTNet) with fold batching on and off:
+    without augmentation and dropout every fold's test probabilities agree, the run says which
+    path it took, and `mexp.evaluate` reproduces the batched run's metrics."""
+    from pathlib import Path
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from mexp import train_cnn
+    from mexp.config import load_config
+    from mexp.tracking import evaluation
+    from tests.conftest import flow28_slice, store_at
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "data").mkdir()
+    data_root = flow28_slice(shared_data, tmp_path / "data", ("sub06", "sub17", "016", "s15"))
+    got = {}
+    with store_at(tmp_path):
+        for mode in ("off", "on"):
+            cfg = load_config(root / "configs/megc2019_flow.yaml", [
+                f"data.root={data_root}", "repeats=1", "training.epochs=3", "output.local=false",
+                "training.fold_workers=1", "training.device=cpu", "data.augmentation=false",
+                "model.dropout=0", f"training.fold_batching={mode}"])
+            s = train_cnn.main(cfg)
+            client = MlflowClient()
+            tags = client.get_run(s["run_id"]).data.tags
+            assert tags["mexp.fold_path"] == ("batched on cpu" if mode == "on" else "serial")
+            got[mode] = pd.read_csv(client.download_artifacts(
+                s["run_id"], "predictions.csv", str(tmp_path / mode))).sort_values("sample_id")
+            report, bad = evaluation.evaluate(s["run_id"])
+            assert bad == [] and report["pooled"]["n"] == s["n"] == 44
+    cols = [c for c in got["on"].columns if c.startswith("prob_")]
+    diff = np.abs(got["on"][cols].to_numpy() - got["off"][cols].to_numpy()).max()
+    assert diff < 1e-3, diff        # float32 rounding of stacked vs single convolutions, trained
+    assert (got["on"]["pred"].to_numpy() == got["off"]["pred"].to_numpy()).all()
+    assert (got["on"]["fold"].to_numpy() == got["off"]["fold"].to_numpy()).all()
