@@ -186,7 +186,7 @@ def test_promoted_pyfunc_is_logged_from_code(trained, monkeypatch):
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}"))
     conf = yaml.safe_load((local / "MLmodel").read_text())
     pyfunc = conf["flavors"]["python_function"]
-    assert pyfunc["model_code_path"].endswith("serving_model.py") and "python_model" not in pyfunc
+    assert pyfunc["model_code_path"].endswith("model_code.py") and "python_model" not in pyfunc
     assert not list(local.rglob("*.pkl"))
     assert (local / "serving_model.py").read_text().rstrip().endswith("set_model(MERModel())")
     assert conf["signature"]["outputs"] and conf["saved_input_example_info"]

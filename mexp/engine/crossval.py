@@ -162,7 +162,7 @@ def run_plan(plan: FoldPlan, table: pd.DataFrame, num_classes: int,
         run_fold = fold_fn
     todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
     if batched_on is not None:
-        from mexp.engine.batched import batched_outputs
+        from mexp.engine.batching import batched_outputs
         swap = (lambda f: replace(f, val_ids=f.test_ids, val_subjects=f.test_subjects)) \
             if oracle else (lambda f: f)
         outputs = batched_outputs(fold_fn, [(k, swap(f)) for k, f in todo], batched_on)

@@ -27,7 +27,7 @@ from mexp.config import Config
 from mexp.data.datasets import load_dataset
 from mexp.data.inputs import check_channels, images
 from mexp.data.paths import safe_name
-from mexp.engine.batched import choose
+from mexp.engine.batching import choose
 from mexp.engine.crossval import FoldOutput, predictions_table, run_plan
 from mexp.engine.metrics import breakdown, confusion, scores
 from mexp.engine.nested import NestedFolds
