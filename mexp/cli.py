@@ -127,3 +127,16 @@ def _last_run_id() -> str:
         return _last_active_run_id.get() or ""
     except (ImportError, AttributeError):
         return ""
+
+
+def switch(ap: argparse.ArgumentParser, name: str, help: str, **kw) -> None:
+    """An on/off flag that also takes a value: `mlflow run -P json=true` passes `--json true`."""
+    ap.add_argument(name, nargs="?", const=True, default=False, help=help, **kw,
+                    type=lambda v: str(v).lower() in ("1", "true", "yes", "on"))
+
+
+def load_tool_config(args: argparse.Namespace):
+    cfg = load_config(args.config or None, shlex.split(args.overrides.strip().strip("'\"")))
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    return cfg

@@ -87,7 +87,7 @@ def champion(client: MlflowClient, name: str, metric: str):
 
 def log_and_register(bundle, name: str, params: dict | None = None,
                      metrics: dict | None = None) -> object:
-    """Log the pyfunc from code (`serving_model.py`, the class shipped in code_paths) with its
+    """Log the pyfunc from code (`serving/model_code.py`, the class shipped in code_paths) with its
     signature and input example as a LoggedModel of the active run, link `metrics` (the source
     run's cross-validated scores) to it, and register it as a new version of `name`."""
     t0 = time.perf_counter()

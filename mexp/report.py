@@ -228,7 +228,7 @@ def log_report(cfg, text: str, exp_name: str, ids: list[str]) -> str:
 
 
 def build(args) -> dict:
-    cfg = finder.load(args)
+    cfg = cli.load_tool_config(args)
     client = MlflowClient(tracking_uri(cfg))
     found, uri, exp = select(client, args, cfg)
     if not found:
@@ -271,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--resamples", type=int, default=parts.RESAMPLES,
                     help="subject-bootstrap resamples per interval")
     ap.add_argument("--seed", type=int, default=parts.SEED, help="seed of the bootstrap draws")
-    finder.switch(ap, "--log-to-run", "log report.html on a new run tagged mexp.stage=report")
+    cli.switch(ap, "--log-to-run", "log report.html on a new run tagged mexp.stage=report")
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--config", default="", help="YAML config (its tracking section is used)")
     ap.add_argument("--overrides", default="", help="dotted overrides: tracking.experiment=x")

@@ -13,25 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 
 from mexp import cli
-from mexp.config import load_config
-from mexp.tracking.finder import find_runs, open_experiment, row, short, ui_hint
+from mexp.tracking.finder import find_runs, open_experiment, row, score_text, short, ui_hint
 from mexp.util.secrets import redact
 
 log = logging.getLogger(__name__)
 # upstream tags, shown as name=<short id>
-
-
-def score_text(r: dict, key: str = "uf1") -> str:
-    if key not in r:
-        return "-"
-    text = f"{r[key]:.4f}"
-    if f"{key}_sd" in r:
-        text += f"±{r[key + '_sd']:.4f}"
-    return text + {"oracle": " ORACLE", "best": " best"}.get(r["kind"], "")
 
 
 COLUMNS = (("run id", lambda r: r["run_id"]), ("stage", lambda r: r["stage"] or "-"),
@@ -62,35 +51,22 @@ def next_steps(rows: list[dict], uri: str, exp_id: str, flag: str = "") -> str:
     return "next: " + "; ".join(steps + [f"see: {ui_hint(uri, exp_id)}"])
 
 
-def switch(ap: argparse.ArgumentParser, name: str, help: str, **kw) -> None:
-    """An on/off flag that also takes a value: `mlflow run -P json=true` passes `--json true`."""
-    ap.add_argument(name, nargs="?", const=True, default=False, help=help, **kw,
-                    type=lambda v: str(v).lower() in ("1", "true", "yes", "on"))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", default="", help="train_cnn, main, hpo, train_cnn:fold...")
     ap.add_argument("--status", default="", help="FINISHED, RUNNING, FAILED, KILLED, SCHEDULED")
     ap.add_argument("--experiment", default="", help="name or id (default: tracking.experiment)")
-    switch(ap, "--all", "also fold runs, HPO trials and repeats' seed runs", dest="every")
+    cli.switch(ap, "--all", "also fold runs, HPO trials and repeats' seed runs", dest="every")
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--tracking-uri", default="")
-    switch(ap, "--json", "the rows as JSON on stdout")
+    cli.switch(ap, "--json", "the rows as JSON on stdout")
     ap.add_argument("--config", default="", help="YAML config (its tracking section is used)")
     ap.add_argument("--overrides", default="", help="dotted overrides: tracking.experiment=x")
     return ap.parse_args(argv)
 
 
-def load(args: argparse.Namespace):
-    cfg = load_config(args.config or None, shlex.split(args.overrides.strip().strip("'\"")))
-    if args.tracking_uri:
-        cfg.tracking.uri = args.tracking_uri
-    return cfg
-
-
 def find(args: argparse.Namespace) -> dict:
-    uri, exp = open_experiment(load(args), args.experiment)
+    uri, exp = open_experiment(cli.load_tool_config(args), args.experiment)
     runs = find_runs([exp.experiment_id], args.stage, args.status, args.every, args.limit)
     rows = [row(r) for r in runs]
     flag = f" --tracking-uri {redact(args.tracking_uri)}" if args.tracking_uri else ""

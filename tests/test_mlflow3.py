@@ -188,7 +188,7 @@ def test_promoted_pyfunc_is_logged_from_code(trained, monkeypatch):
     pyfunc = conf["flavors"]["python_function"]
     assert pyfunc["model_code_path"].endswith("model_code.py") and "python_model" not in pyfunc
     assert not list(local.rglob("*.pkl"))
-    assert (local / "serving_model.py").read_text().rstrip().endswith("set_model(MERModel())")
+    assert (local / "model_code.py").read_text().rstrip().endswith("set_model(MERModel())")
     assert conf["signature"]["outputs"] and conf["saved_input_example_info"]
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")   # nothing to unpickle
     model = mlflow.pyfunc.load_model(f"models:/{promoted['name']}@champion")

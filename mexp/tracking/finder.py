@@ -228,3 +228,12 @@ def open_experiment(cfg, name: str = "") -> tuple[str, object]:
 
 def short(run_id: str) -> str:
     return run_id[:8]
+
+
+def score_text(r: dict, key: str = "uf1") -> str:
+    if key not in r:
+        return "-"
+    text = f"{r[key]:.4f}"
+    if f"{key}_sd" in r:
+        text += f"±{r[key + '_sd']:.4f}"
+    return text + {"oracle": " ORACLE", "best": " best"}.get(r["kind"], "")
