@@ -65,18 +65,19 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 # `mlflow.sharedViewState.<key>` when the page's URL names the key (its "share view" link).
 VIEW_KEY = "mexp-scores"
 COLUMNS = ["metrics.`test/uf1`", "metrics.`test/uar`", "metrics.`test/accuracy`",
-           "metrics.`repeats/uf1_mean`", "tags.`mexp.stage`", "tags.`mexp.model`",
-           "attributes.`Dataset`"]
+           "tags.`mexp.stage`", "tags.`mexp.model`", "tags.`mexp.fold_path`"]
 
 
 def set_view(client, experiment_id: str) -> str:
     """Mark the experiment as model training (not GenAI) and store the scores view on it."""
     import json
     client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in client.search_runs(
+        [experiment_id], max_results=500)} - {None}
     state = {"selectedColumns": COLUMNS, "orderByKey": "attributes.start_time",
-             "orderByAsc": False, "runsExpanded": {}}
+             "orderByAsc": False, "runsExpanded": {rid: True for rid in parents}}
     client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
-    return f"?viewStateShareKey={VIEW_KEY}"
+    return f"?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
 def screenshot(url: str, experiment: str, out: Path, wait_ms: int = 20000) -> Path:
@@ -90,7 +91,7 @@ def screenshot(url: str, experiment: str, out: Path, wait_ms: int = 20000) -> Pa
     page = f"{url}/#/experiments/{exp.experiment_id}/runs{set_view(client, exp.experiment_id)}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        budget = [f"--virtual-time-budget={wait_ms}", "--window-size=1600,1000"]
+        budget = [f"--virtual-time-budget={wait_ms}", "--window-size=1800,1000"]
         shot = chromium([*budget, f"--screenshot={out.resolve()}", page], Path(profile))
         if not out.is_file():
             raise RuntimeError(f"chromium wrote no screenshot: {shot.stderr[-1000:]}")
