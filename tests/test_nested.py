@@ -102,3 +102,17 @@ def test_a_nested_run_logs_each_folds_choice_and_reproduces(subset, tmp_path):
             assert "selection.json" in [a.path for a in client.list_artifacts(f.info.run_id)]
         report, bad = evaluation.evaluate(s["run_id"])
         assert bad == [] and report["pooled"]["n"] == s["n"]
+
+
+def test_inner_folds_train_as_one_vectorised_model_when_batching_is_on(subset):
+    """A net candidate's inner folds go through fold batching (training.fold_batching=on) and
+    give what one-by-one training gives (no augmentation, no dropout)."""
+    outs = {}
+    for mode in ("off", "on"):
+        cfg = _cfg(subset, "selection.candidates={net: {model.name: ststnet}}", "training.epochs=2",
+                   "data.augmentation=false", "model.dropout=0", f"training.fold_batching={mode}")
+        _, _, plan, nested = _nested(cfg)
+        outs[mode] = nested(0, plan.folds[0])
+    assert outs["on"].notes["inner_samples"] == outs["off"].notes["inner_samples"]
+    assert outs["on"].notes["selected"] == outs["off"].notes["selected"] == "net"
+    np.testing.assert_allclose(outs["on"].probs, outs["off"].probs, atol=1e-3)

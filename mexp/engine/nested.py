@@ -105,14 +105,24 @@ class NestedFolds:
         plan, oof, ids = self.inner_plan(fold), {}, None
         for name, c in self.candidates.items():
             fn, got = self.make_fold_fn(c), {}
-            for j, f in enumerate(plan.folds):
-                out = fn(j, f)
+            for _, _, out in self.inner_outputs(fn, c, list(enumerate(plan.folds))):
                 got.update(zip(out.test_ids, out.probs))
             ids = ids or sorted(got)
             oof[name] = np.stack([got[i] for i in ids])
         y = np.array([self.label[i] for i in ids])
         inner = {n: scores(y, p.argmax(1), self.num_classes) for n, p in oof.items()}
         return inner, oof, ids
+
+    @staticmethod
+    def inner_outputs(fn, cfg: Config, todo: list):
+        """A candidate's inner folds: one vectorised model when `training.fold_batching`
+        chooses it (`mexp.engine.batching`), else one fold after another."""
+        from mexp.engine.batching import batched_outputs, choose
+        from mexp.engine.training import resolve_device
+        device = resolve_device(cfg.training.device)
+        if choose(cfg.training.fold_batching, fn, device)[0]:
+            return batched_outputs(fn, todo, device)
+        return ((j, f, fn(j, f)) for j, f in todo)
 
     def ranked(self, inner: dict) -> list[str]:
         m = self.cfg.selection.metric
