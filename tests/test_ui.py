@@ -26,5 +26,6 @@ def test_ui_screenshot_shows_the_runs(tiny_cfg, tracking, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.stat().st_size > 20_000
     dom = out.with_suffix(".html").read_text()
-    assert "train_cnn" in dom and "Training runs" in dom
+    assert "train_cnn" in dom and ">Runs<" in dom           # the Model training view
+    assert "Training runs" not in dom                   # (the GenAI layout calls them so)
     assert "test/uf1" in dom and "test/uar" in dom      # the scores view: UF1/UAR as columns
