@@ -85,6 +85,9 @@ class TrainingConfig:
     num_threads: int = _neutral(0)   # torch threads; 0: leave torch's default
     fold_workers: int = _neutral(1)  # folds trained at once in processes; 0: one per core
     fold_batching: str = "auto"      # all folds as one vectorised model: auto (CUDA) | on | off
+    mixup: float = 0.0               # mixup Beta(alpha, alpha) on each minibatch; 0: off
+    ema: float = 0.0                 # decay of an average of the weights kept, e.g. 0.99; 0: off
+    swa_epochs: int = 0              # keep the mean weights of the last N epochs (SWA); 0: off
 
 
 @dataclass
@@ -285,6 +288,24 @@ def _check_model(cfg: Config) -> None:
                           f"known models: {', '.join(list_models())}")
 
 
+def _check_recipe(t: TrainingConfig) -> None:
+    """The training recipes of `mexp.engine.recipes` (mixup, weight EMA, SWA)."""
+    for key, ok, rule in (("mixup", t.mixup >= 0, ">= 0"), ("ema", 0 <= t.ema < 1, "in [0, 1)"),
+                          ("swa_epochs", 0 <= t.swa_epochs <= t.epochs, "<= training.epochs")):
+        if not ok:
+            raise ConfigError(f"config key 'training.{key}' must be {rule} (0: off), "
+                              f"got {getattr(t, key)}")
+    if t.ema and t.swa_epochs:
+        raise ConfigError("training.ema and training.swa_epochs both average the weights: set "
+                          "one of them to 0")
+    if t.swa_epochs and (t.val_fraction or t.early_stopping):
+        raise ConfigError("training.swa_epochs averages the final epochs: set "
+                          "training.val_fraction=0 and training.early_stopping=0")
+    if t.fold_batching == "on" and (t.mixup or t.ema or t.swa_epochs):
+        raise ConfigError("training.fold_batching=on does not train mixup, ema or swa_epochs "
+                          "yet: set training.fold_batching to auto or off")
+
+
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express: everything the config alone can tell,
     before any run, store or data is touched."""
@@ -300,8 +321,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'model.dropout' must be in [0, 1)")
     if cfg.training.cv_method == "StratifiedGroupKFold" and cfg.training.cv_folds < 2:
         raise ConfigError("config key 'training.cv_folds' must be >= 2")
+    _check_recipe(cfg.training)
     if cfg.selection.mode != "none" or cfg.selection.candidates:
-        from mexp.engine.nested import check_selection     # lazy: config stays torch-free
+        from mexp.engine.nested import check_selection
         check_selection(cfg)
     if cfg.synth.frames < 8:
         raise ConfigError("config key 'synth.frames' must be >= 8 (onset, apex, offset need room)")

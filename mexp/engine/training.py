@@ -17,6 +17,7 @@ import torch.nn as nn
 from mexp.util.progress import progress
 
 from mexp.engine.metrics import scores
+from mexp.engine.recipes import WeightAverage, mixed_loss, recompute_batchnorm
 
 Batch = Callable[[np.ndarray], torch.Tensor]
 SHOW_PROGRESS = True        # per-epoch bars; off in fold worker processes (mexp.engine.pool)
@@ -54,7 +55,10 @@ def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def train_one_epoch(model, x, y, opt, loss_fn, to_input: Batch, batch_size: int,
-                    rng: np.random.Generator, device, augment=None) -> float:
+                    rng: np.random.Generator, device, augment=None, mixup: float = 0.0,
+                    average: WeightAverage | None = None) -> float:
+    """One pass over (x, y) in shuffled minibatches; `mixup` and `average` as in
+    `mexp.engine.recipes` (off: the rng draws and the steps are the plain ones)."""
     model.train()
     order = rng.permutation(len(x))
     total = 0.0
@@ -65,9 +69,11 @@ def train_one_epoch(model, x, y, opt, loss_fn, to_input: Batch, batch_size: int,
         if len(idx) == 1 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
             continue  # BatchNorm cannot train on a batch of one
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inp), target)
+        loss = mixed_loss(model, inp, target, loss_fn, mixup, rng)
         loss.backward()
         opt.step()
+        if average is not None:
+            average.after_step(model)
         total += loss.item() * len(idx)
     return total / max(len(x), 1)
 
@@ -100,8 +106,10 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
         augment=None, seed: int = 0, desc: str = "epochs") -> FitResult:
     """Train for `tcfg.epochs`; keep the epoch with the lowest validation loss when a
     validation split exists (early stopping after `tcfg.early_stopping` epochs without
-    improvement, if set), else the final epoch. A closed-form model (one with `fit_numpy`,
-    e.g. the scikit-learn members) is fitted once instead: `fit_closed_form`."""
+    improvement, if set), else the final epoch. With `training.ema` / `training.swa_epochs`
+    the averaged weights are the ones scored and kept (`mexp.engine.recipes`). A closed-form
+    model (one with `fit_numpy`, e.g. the scikit-learn members) is fitted once instead:
+    `fit_closed_form`."""
     device = resolve_device(tcfg.device)
     if hasattr(model, "fit_numpy"):
         return fit_closed_form(model, train, val, tcfg, num_classes, to_input, seed, device)
@@ -112,26 +120,39 @@ def fit(model, train: tuple, val: tuple | None, tcfg, num_classes: int, to_input
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     opt = make_optimizer(model, tcfg)
     res = FitResult(selected_on="validation" if val is not None and len(val[1]) else "final")
+    mixup, ema = getattr(tcfg, "mixup", 0.0), getattr(tcfg, "ema", 0.0)   # recipes: off
+    swa_from = tcfg.epochs - getattr(tcfg, "swa_epochs", 0) + 1
+    average = (WeightAverage(model, "ema", ema) if ema else
+               WeightAverage(model, "swa") if swa_from <= tcfg.epochs else None)
+    scored = copy.deepcopy(model) if average is not None else model   # what is scored and kept
     best, stale = float("inf"), 0
     bar = progress(range(1, tcfg.epochs + 1), desc=desc, unit="ep", leave=False,
                disable=not SHOW_PROGRESS)
     for epoch in bar:
         row = {"epoch": epoch, "train/loss": train_one_epoch(
-            model, x, y, opt, loss_fn, to_input, tcfg.batch_size, rng, device, augment)}
+            model, x, y, opt, loss_fn, to_input, tcfg.batch_size, rng, device, augment,
+            mixup, average if average and average.kind == "ema" else None)}
+        if average is not None and epoch >= swa_from:
+            average.add_epoch(model)
+        if average is not None and average.kind == "ema":
+            scored.load_state_dict(average.avg)
         if res.selected_on == "validation":
             row.update({f"val/{k}": v for k, v in evaluate(
-                model, val[0], val[1], to_input, tcfg.batch_size, device, num_classes).items()})
+                scored, val[0], val[1], to_input, tcfg.batch_size, device, num_classes).items()})
             if row["val/loss"] < best - 1e-6:
                 best, stale, res.best_epoch = row["val/loss"], 0, epoch
-                res.state = copy.deepcopy(model.state_dict())
+                res.state = copy.deepcopy(scored.state_dict())
             else:
                 stale += 1
         res.history.append(row)
         bar.set_postfix({k.split("/")[-1]: round(v, 3) for k, v in row.items() if k != "epoch"})
         if tcfg.early_stopping and stale >= tcfg.early_stopping:
             break
+    if average is not None and average.kind == "swa":
+        scored.load_state_dict(average.avg)
+        recompute_batchnorm(scored, x, to_input, tcfg.batch_size, device)
     if res.selected_on == "final" or not res.state:
-        res.best_epoch, res.state = len(res.history), copy.deepcopy(model.state_dict())
+        res.best_epoch, res.state = len(res.history), copy.deepcopy(scored.state_dict())
     model.load_state_dict(res.state)
     return res
 
