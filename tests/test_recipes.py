@@ -100,8 +100,8 @@ def test_mixup_mixes_inputs_and_losses_with_one_beta_draw():
     out = m(lam * inp + (1 - lam) * inp[perm])
     want = lam * loss_fn(out, target) + (1 - lam) * loss_fn(out, target[perm])
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    assert float(mixed_loss(m, inp, target, loss_fn, 0.0, rng)) == pytest.approx(
-        float(loss_fn(m(inp), target)))
+    assert mixed_loss(m, inp, target, loss_fn, 0.0, rng).item() == pytest.approx(
+        loss_fn(m(inp), target).item())
     _, plain = trained(tcfg())
     _, mixed = trained(tcfg(mixup=0.4))
     assert not close(mixed.state, plain.state, 1e-4)

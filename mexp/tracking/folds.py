@@ -37,7 +37,7 @@ from mexp.engine.training import resolve_device
 from mexp.tracking import plots
 from mexp.tracking.datasets import log_dataset, log_plan
 from mexp.tracking.logged_models import create_fold_model
-from mexp.tracking.runs import T, log_history, stage_run, start, terminate_children
+from mexp.tracking.runs import T, history_metrics, log_metric_list, stage_run, start, terminate_children
 from mexp.tracking.summary import summary_line
 
 log = logging.getLogger(__name__)
@@ -96,31 +96,33 @@ class FoldLogger:
 
     def _log(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
         """Fold run (per-epoch metrics, scores, confusion matrix, weights, log), then the
-        result file on the parent, last: it marks the fold done for resume."""
+        result file on the parent, last: it marks the fold done for resume. Few client calls
+        (one metric batch, one artifact upload): a batched run logs all its folds at once."""
         c, preds = self.client, out.probs.argmax(1)
         s = scores(labels, preds, len(self.classes))
         cm = confusion(labels, preds, len(self.classes))
-        run = c.create_run(self.exp, run_name=f"fold={fold.name}",
-                           tags={"mlflow.parentRunId": self.parent,
-                                 T + "stage": f"{self.stage}:fold", T + "fold": fold.name})
+        tags = {"mlflow.parentRunId": self.parent, T + "stage": f"{self.stage}:fold",
+                T + "fold": fold.name}
+        if out.notes:                       # nested selection: the choice and the inner scores
+            tags[T + "selected"] = out.notes["selected"]
+        run = c.create_run(self.exp, run_name=f"fold={fold.name}", tags=tags)
         rid = run.info.run_id
-        log_history(rid, out.fit.history)
         model_id, link = create_fold_model(c, run, self.parent, self.stage, fold.name, out,
                                            self.classes)      # a LoggedModel, metrics linked
         now = int(time.time() * 1000)
-        c.log_batch(rid, metrics=[Metric(f"test/{k}", float(v), now, 0, **link)
-                                  for k, v in s.items()]
-                    + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
-        c.log_dict(rid, {"classes": self.classes, "matrix": cm.tolist()}, "confusion_matrix.json")
-        if out.notes:                       # nested selection: the choice and the inner scores
-            c.log_dict(rid, out.notes, "selection.json")
-            c.set_tag(rid, T + "selected", out.notes["selected"])
-        c.log_figure(rid, plots.confusion_figure(cm, self.classes, f"fold {fold.name}"),
-                     "confusion_matrix.png")
+        log_metric_list(c, rid, history_metrics(out.fit.history, now)
+                        + [Metric(f"test/{k}", float(v), now, 0, **link) for k, v in s.items()]
+                        + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
         with tempfile.TemporaryDirectory() as d:
-            torch.save(out.fit.state, Path(d) / "model.pth")
+            torch.save(out.fit.state, Path(d) / "model.pth")   # extract_features, refit read it
             pd.DataFrame(out.fit.history).to_csv(Path(d) / "training_log.csv", index=False)
-            c.log_artifacts(rid, d)        # model.pth here too: extract_features and refit read it
+            (Path(d) / "confusion_matrix.json").write_text(json.dumps(
+                {"classes": self.classes, "matrix": cm.tolist()}))
+            plots.confusion_image(cm, self.classes, f"fold {fold.name}").save(
+                Path(d) / "confusion_matrix.png")
+            if out.notes:
+                (Path(d) / "selection.json").write_text(json.dumps(out.notes, indent=1))
+            c.log_artifacts(rid, d)
         c.finalize_logged_model(model_id, "READY")
         c.set_terminated(rid, "FINISHED")
         if self.out_dir is not None:

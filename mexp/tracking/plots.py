@@ -63,3 +63,34 @@ def per_subject_figure(per_subject: dict[str, dict], title: str = ""):
     fig.tight_layout()
     return fig
 
+
+
+def confusion_image(cm: np.ndarray, classes, title: str = ""):
+    """A fold's confusion matrix as a small PIL image (counts on cells shaded by row share),
+    drawn without matplotlib: ~100x cheaper than `confusion_figure`, which matters when a
+    batched run logs 68 folds at once."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    font = ImageFont.load_default(size=12)
+    names = [str(c) for c in classes]
+    left = 14 + max(int(font.getlength(n)) for n in names)
+    cell, top = max(40, 8 + max(int(font.getlength(n)) for n in names)), 38
+    img = Image.new("RGB", (left + cell * len(names) + 10, top + cell * len(names) + 24), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), title, fill="black", font=font)
+    d.text((4, 20), "rows: true, columns: predicted", fill="black", font=font)
+    shades = (np.asarray(colormaps["Blues"](norm))[..., :3] * 255).astype(int)
+    for i, name in enumerate(names):
+        y = top + i * cell
+        d.text((4, y + cell // 2 - 6), name, fill="black", font=font)
+        d.text((left + i * cell + cell // 2, top + cell * len(names) + 4), name, anchor="ma",
+               fill="black", font=font)
+        for j in range(len(names)):
+            x = left + j * cell
+            d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=tuple(shades[i, j]),
+                        outline="white")
+            d.text((x + cell // 2, y + cell // 2), str(cm[i, j]), anchor="mm", font=font,
+                   fill="white" if norm[i, j] > 0.5 else "black")
+    return img

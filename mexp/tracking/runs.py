@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -235,12 +234,15 @@ def terminate_children(parent_id: str, status: str = "KILLED") -> int:
     return len(terminate_tree(MlflowClient(), parent_id, status, root=False))
 
 
-def log_history(run_id: str, history: list[dict], prefix: str = "") -> None:
-    """Per-epoch metrics in batches of 1000 (one call per metric is 10-300x slower)."""
-    now = int(time.time() * 1000)
-    metrics = [Metric(prefix + k, float(v), now, int(row["epoch"]))
-               for row in history for k, v in row.items() if k != "epoch"]
-    client = MlflowClient()
+def history_metrics(history: list[dict], now: int, prefix: str = "") -> list[Metric]:
+    """Per-epoch rows as MLflow metrics (step = epoch)."""
+    return [Metric(prefix + k, float(v), now, int(row["epoch"]))
+            for row in history for k, v in row.items() if k != "epoch"]
+
+
+def log_metric_list(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+    """Metrics in batches of 1000, MLflow's limit per call (one call per metric is 10-300x
+    slower)."""
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
