@@ -284,3 +284,44 @@ def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp
     assert diff < 1e-3, diff        # float32 rounding of stacked vs single convolutions, trained
     assert (got["on"]["pred"].to_numpy() == got["off"]["pred"].to_numpy()).all()
     assert (got["on"]["fold"].to_numpy() == got["off"]["fold"].to_numpy()).all()
+
+
+def test_repeats_train_every_seed_in_one_vectorised_model(shared_data, tmp_path, monkeypatch):
+    """`repeats` with fold batching: the second seed's folds train in the first repeat's
+    vectorised model (one fit for 2 seeds x 4 folds) and give what that seed gives alone."""
+    from pathlib import Path
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from mexp import train_cnn
+    from mexp.config import load_config
+    from mexp.engine import batching
+    from tests.conftest import flow28_slice, store_at
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "data").mkdir()
+    data_root = flow28_slice(shared_data, tmp_path / "data", ("sub06", "sub17", "016", "s15"))
+    calls = []
+    real = batching.fit_batched
+
+    def counting(make_model, X, y, reps, *a, **kw):
+        calls.append(sorted({r.seed for r in reps}))
+        return real(make_model, X, y, reps, *a, **kw)
+    monkeypatch.setattr(batching, "fit_batched", counting)
+    base = [f"data.root={data_root}", "training.epochs=3", "output.local=false",
+            "training.device=cpu", "data.augmentation=false", "model.dropout=0",
+            "training.fold_batching=on"]
+    preds = lambda rid, d: pd.read_csv(MlflowClient().download_artifacts(  # noqa: E731
+        rid, "predictions.csv", str(tmp_path / d))).sort_values("sample_id")
+    with store_at(tmp_path):
+        both = train_cnn.main(load_config(root / "configs/megc2019_flow.yaml",
+                                          base + ["repeats=2", "training.seed=5"]))
+        assert calls == [[5, 6, 7, 8, 9]], calls       # 4 folds x seeds 5 and 6: s + k
+        alone = train_cnn.main(load_config(root / "configs/megc2019_flow.yaml",
+                                           base + ["repeats=1", "training.seed=6"]))
+        assert calls[1:] == [[6, 7, 8, 9]]
+        second = preds(both["repeats"][1]["run_id"], "second")
+        solo = preds(alone["run_id"], "solo")
+    cols = [c for c in solo.columns if c.startswith("prob_")]
+    assert np.abs(second[cols].to_numpy() - solo[cols].to_numpy()).max() < 1e-3
+    assert (second["pred"].to_numpy() == solo["pred"].to_numpy()).all()

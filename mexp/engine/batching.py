@@ -3,6 +3,10 @@ vectorised model (`choose`, for `training.fold_batching`), and the fold outputs 
 run (`batched_outputs`), which `mexp.engine.crossval.run_plan` logs like any other."""
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
 import torch
 
@@ -39,32 +43,88 @@ def choose(mode: str, fold_fn, device: torch.device) -> tuple[bool, str]:
     return True, f"auto: CUDA and a {n:,}-parameter model"
 
 
-def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256):
+@contextmanager
+def seed_batch(seeds):
+    """Within: a batched cross-validation also trains the replicas of the same folds for the
+    other `seeds` (the later repeats of `repeats`) in the same vectorised model, and keeps
+    their outputs until those repeats ask for them. Only for plans that do not depend on the
+    seed (`mexp.tracking.repeats` checks); a fold whose ids differ is simply trained again."""
+    token = _SEEDS.set(tuple(int(s) for s in seeds))
+    try:
+        yield
+    finally:
+        _SEEDS.reset(token)
+        _KEPT.clear()
+
+
+_SEEDS: ContextVar[tuple] = ContextVar("mexp_seed_batch", default=())
+_KEPT: dict = {}            # (config without its seed, seed, k, fold ids) -> FoldOutput
+
+
+def _key(cfg, seed: int, k: int, fold) -> tuple:
+    d = cfg.to_dict()
+    d["training"] = {**d["training"], "seed": None}
+    return (json.dumps(d, sort_keys=True, default=str), seed, k, fold.name,
+            tuple(fold.train_ids), tuple(fold.val_ids), tuple(fold.test_ids))
+
+
+def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
+                    other_seeds: bool = True):
     """Yield `(k, fold, FoldOutput)` for every `(k, fold)` of `todo`, in order, training up
-    to `chunk` folds at a time as one vectorised model (seed `cfg.training.seed + k`, as the
-    serial fold recipe). Each fold's arrays pass the same leak check first."""
-    from mexp.engine.crossval import FoldOutput, assert_rows_apart
+    to `chunk` replicas at a time as one vectorised model (fold k of seed s gets seed s + k,
+    as the serial fold recipe). Inside `seed_batch` (and with `other_seeds`), the other
+    seeds' replicas of these folds train alongside and are kept for their repeats. Each
+    fold's arrays pass the same leak check first."""
+    from mexp.engine.crossval import assert_rows_apart
+    cfg, f = fold_fn.cfg, fold_fn
+    seed = cfg.training.seed
+    extra = [s for s in _SEEDS.get() if s != seed] if other_seeds else []
+    jobs = [(seed, k, fold) for k, fold in todo if _key(cfg, seed, k, fold) not in _KEPT]
+    jobs += [(s, k, fold) for s in extra for k, fold in todo
+             if _key(cfg, s, k, fold) not in _KEPT]
+    for k, fold in todo:                   # the leak check, before anything trains
+        tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
+        oracle = bool(set(fold.val_ids) & set(fold.test_ids))
+        assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
+    trained = _train(f, jobs, device, chunk)
+    mine = [_key(cfg, seed, k, fold) for k, fold in todo]
+    try:
+        for (k, fold), key in zip(todo, mine):
+            while key not in _KEPT:
+                next(trained)
+            yield k, fold, _KEPT.pop(key)
+        for _ in trained:                   # other seeds' chunks not needed yet: train them now
+            pass
+    finally:                                # closed early (a pruned trial): drop what is left
+        for key in mine:
+            _KEPT.pop(key, None)
+
+
+def _train(f, jobs: list, device, chunk: int):
+    """Train `jobs` ((seed, k, fold), ...) chunk by chunk, keeping each output in `_KEPT`;
+    yields after each chunk."""
+    from mexp.engine.crossval import FoldOutput
     from mexp.engine.training import FitResult
     from mexp.util.progress import progress
-    cfg, f = fold_fn.cfg, fold_fn
     num_classes = f.make_model().num_classes
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start:start + chunk]
         reps = []
-        for k, fold in part:
+        for s, k, fold in part:
             tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
-            oracle = bool(set(fold.val_ids) & set(fold.test_ids))
-            assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
-            reps.append(Replica(tr, va, te, seed=cfg.training.seed + k, name=fold.name))
-        bar = progress(total=cfg.training.epochs, desc=f"{len(part)} folds batched", unit="ep",
-                       leave=False)
-        results = fit_batched(f.make_model, f.x, f.y, reps, cfg.training, num_classes,
+            reps.append(Replica(tr, va, te, seed=s + k, name=fold.name))
+        seeds = len({s for s, _, _ in part})
+        bar = progress(total=f.cfg.training.epochs, unit="ep", leave=False,
+                       desc=f"{len(part)} folds batched" + (f" ({seeds} seeds)" if seeds > 1
+                                                            else ""))
+        results = fit_batched(f.make_model, f.x, f.y, reps, f.cfg.training, num_classes,
                               f.to_input, f.augment_kind or None, device,
                               on_epoch=lambda e: bar.update(1))
         bar.close()
-        for (k, fold), rep, res in zip(part, reps, results):
+        for (s, k, fold), rep, res in zip(part, reps, results):
             fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
             example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()
-            yield k, fold, FoldOutput(list(f.ids[rep.test_idx]), res.probs, fit,
-                                      list(f.ids[rep.train_idx]), list(f.ids[rep.val_idx]),
-                                      example)
+            _KEPT[_key(f.cfg, s, k, fold)] = FoldOutput(
+                list(f.ids[rep.test_idx]), res.probs, fit, list(f.ids[rep.train_idx]),
+                list(f.ids[rep.val_idx]), example)
+        yield

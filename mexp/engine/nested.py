@@ -121,7 +121,7 @@ class NestedFolds:
         from mexp.engine.training import resolve_device
         device = resolve_device(cfg.training.device)
         if choose(cfg.training.fold_batching, fn, device)[0]:
-            return batched_outputs(fn, todo, device)
+            return batched_outputs(fn, todo, device, other_seeds=False)
         return ((j, f, fn(j, f)) for j, f in todo)
 
     def ranked(self, inner: dict) -> list[str]:

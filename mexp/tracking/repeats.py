@@ -28,10 +28,11 @@ def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
     with stage_run(cfg, f"{stage}:repeats", run_name=f"{stage} x{n}",
                    tags={T + "repeats": str(n)}) as run:
         results = []
-        for i in range(n):
-            c = copy.deepcopy(cfg)
-            c.repeats, c.training.seed = 1, s0 + i
-            results.append(main_fn(c))
+        with together(cfg):
+            for i in range(n):
+                c = copy.deepcopy(cfg)
+                c.repeats, c.training.seed = 1, s0 + i
+                results.append(main_fn(c))
         agg = {}
         for k in ("uf1", "uar", "accuracy"):
             v = np.array([r[k] for r in results], float)
@@ -55,6 +56,20 @@ def run_repeats(cfg: Config, main_fn, stage: str) -> dict:
     return {"run_id": rid, "repeats": results,
             **{k: m for k, (m, _) in agg.items()}, **{f"{k}_sd": sd for k, (_, sd) in agg.items()},
             **({"ensemble": ens} if ens else {})}
+
+
+def together(cfg: Config):
+    """With fold batching, every seed's replicas of a fold train in the first repeat's
+    vectorised model (`mexp.engine.batching.seed_batch`) when the fold plan does not depend on
+    the seed (LOSO, LODO or holdout without a validation split)."""
+    from contextlib import nullcontext
+
+    from mexp.engine.batching import seed_batch
+    t = cfg.training
+    if t.fold_batching == "off" or t.val_fraction or t.cv_method not in ("LOSO", "LODO",
+                                                                         "holdout"):
+        return nullcontext()
+    return seed_batch(range(t.seed, t.seed + cfg.repeats))
 
 
 def seed_ensemble(run_ids: list[str]) -> dict:
