@@ -3,12 +3,13 @@ test), on a synthetic set: pooled UF1 of a LOSO run per seed, for each path, the
 t-test and a permutation test on the two samples of seed scores.
 
     python bench/batching_noise.py [--seeds 12] [--epochs 15] [--subjects 8] [--clips 96]
-                                   [--device cpu] [--workdir /tmp/mexp-batching-noise]
+                                   [--device cpu] [--control] [--workdir /tmp/mexp-batching-noise]
 
 Model: STSTNet on the apex-minus-onset image (28 px, one channel), class-weighted AdamW,
 flip/shift augmentation: the random streams of the two paths differ (augmentation draws), so
 their per-seed scores differ; their means should not. Seed s trains fold k with seed s + k on
-both paths (as `mexp.engine.crossval` does).
+both paths (as `mexp.engine.crossval` does). `--control` trains the batched path on shuffled
+training labels instead: a difference the test must detect (its power check).
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--control", action="store_true", help="batched on shuffled labels")
     ap.add_argument("--workdir", default="")
     a = ap.parse_args()
     import mexp.engine.training as engine
@@ -104,12 +106,14 @@ def main() -> None:
     got = {}
     for path in ("serial", "batched"):
         t = time.perf_counter()
-        got[path] = seed_scores(cfg, cs, x, plan, range(a.seeds), path)
+        got[path] = seed_scores(cfg, cs, x, plan, range(a.seeds), path,
+                                shuffle_labels=a.control and path == "batched")
         print(f"{path:8s} UF1 per seed {np.round(got[path], 3).tolist()}  mean "
               f"{np.mean(got[path]):.4f} sd {np.std(got[path], ddof=1):.4f}  "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
     r = noise_test(got["serial"], got["batched"])
     print(f"{len(cs)} samples, {len(plan.folds)} LOSO folds, {a.seeds} seeds a path, "
+          f"{'CONTROL (batched on shuffled labels), ' if a.control else ''}"
           f"{a.epochs} epochs: serial - batched UF1 {r['diff']:+.4f}, Welch p = "
           f"{r['welch_p']:.3f}, permutation p = {r['perm_p']:.3f}")
 
