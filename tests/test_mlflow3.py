@@ -206,3 +206,48 @@ def test_a_dead_folds_pending_model_can_be_marked_failed(trained):
     assert fail_pending_models(client, exp, [run.info.run_id]) == 1
     assert client.get_logged_model(pending.model_id).status == "FAILED"
     assert fail_pending_models(client, exp, [run.info.run_id]) == 0
+
+
+def test_a_fold_run_is_logged_in_few_client_calls(tracking):
+    """A batched run logs all its folds after training (68 for MEGC2019), so each fold run is
+    a handful of client calls: one metric batch, one artifact upload, the LoggedModel's."""
+    from collections import Counter
+
+    import mlflow
+    import numpy as np
+
+    from mexp.engine.crossval import FoldOutput
+    from mexp.engine.plans import Fold
+    from mexp.engine.training import FitResult
+    from mexp.models import create_model
+    from mexp.tracking.folds import FoldLogger
+    model = create_model("ststnet", num_classes=3, input_channels=3)
+    history = [{"epoch": e, "train/loss": 1.0 / e} for e in range(1, 401)]
+    calls = Counter()
+    with mlflow.start_run() as run:
+        logger = FoldLogger(run.info.run_id, "train_cnn", ["negative", "positive", "surprise"],
+                            None)
+        client = logger.client
+
+        class Counting:
+            def __getattr__(self, name):
+                calls[name] += 1
+                return getattr(client, name)
+        logger.client = Counting()
+        out = FoldOutput(["t1", "t2", "t3"], np.eye(3), FitResult(history, 400, "final",
+                                                                  model.state_dict()),
+                         ["a1"], [], np.zeros((1, 3, 28, 28), np.float32),
+                         notes={"selected": "x", "inner": {}})
+        res = logger._log(Fold("s1", ["s1"], ["s2"], [], ["t1", "t2", "t3"], ["a1"], []), out,
+                          np.array([0, 1, 2]))
+        logger.close()
+    assert sum(calls.values()) <= 10, calls
+    assert calls["log_batch"] == 1 and calls["log_artifacts"] == 1, calls
+    c = mlflow.MlflowClient()
+    names = {a.path for a in c.list_artifacts(res["fold_run_id"])}
+    assert {"model.pth", "training_log.csv", "confusion_matrix.json", "confusion_matrix.png",
+            "selection.json"} <= names
+    fold_run = c.get_run(res["fold_run_id"])
+    assert fold_run.data.tags["mexp.selected"] == "x"
+    assert len(c.get_metric_history(res["fold_run_id"], "train/loss")) == 400
+    assert fold_run.data.metrics["test/uf1"] == 1.0
