@@ -116,3 +116,24 @@ def test_inner_folds_train_as_one_vectorised_model_when_batching_is_on(subset):
     assert outs["on"].notes["inner_samples"] == outs["off"].notes["inner_samples"]
     assert outs["on"].notes["selected"] == outs["off"].notes["selected"] == "net"
     np.testing.assert_allclose(outs["on"].probs, outs["off"].probs, atol=1e-3)
+
+
+def test_the_stacker_weighs_classes_as_the_members_were_trained():
+    """UF1/UAR weigh each class alike: with `training.class_weighted` the stacker is fitted with
+    balanced class weights, so a minority class the members score weakly is not given up."""
+    from mexp.engine.nested import stack
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 90 + [1] * 10)
+    def member(labels):
+        logits = rng.normal(0, 1, (len(labels), 2))
+        logits[np.arange(len(labels)), labels] += 0.8
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    oof = {"a": member(y), "b": member(y)}
+    yt = np.array([0] * 50 + [1] * 50)
+    test = {"a": member(yt), "b": member(yt)}
+    recall1 = {}
+    for balanced in (False, True):
+        p, w = stack(oof, y, test, ["a", "b"], 2, 0, balanced)
+        assert np.allclose(p.sum(1), 1) and set(w) == {"a", "b"}
+        recall1[balanced] = (p.argmax(1)[yt == 1] == 1).mean()
+    assert recall1[True] > recall1[False] + 0.2, recall1

@@ -142,7 +142,8 @@ class NestedFolds:
         if self.cfg.selection.mode == "stack":
             y = np.array([self.label[i] for i in ids])
             probs, weights = stack(oof, y, {n: o.probs for n, o in outs.items()}, members,
-                                   self.num_classes, self.cfg.training.seed + k)
+                                   self.num_classes, self.cfg.training.seed + k,
+                                   self.cfg.training.class_weighted)
         notes = {"selected": ranked[0], "mode": self.cfg.selection.mode, "ranking": ranked,
                  "inner": {n: {m: round(v, 6) for m, v in s.items()} for n, s in inner.items()},
                  "weights": weights, "inner_samples": len(ids)}
@@ -151,13 +152,16 @@ class NestedFolds:
 
 
 def stack(oof: dict, y: np.ndarray, test: dict, members: list[str], num_classes: int,
-          seed: int) -> tuple[np.ndarray, dict]:
+          seed: int, balanced: bool = True) -> tuple[np.ndarray, dict]:
     """Test probabilities from a logistic regression on the members' inner out-of-fold
-    probabilities (log-probabilities as features); its weight per member is the norm of the
-    member's coefficients, for the record."""
+    probabilities (log-probabilities as features), classes weighted by inverse frequency when
+    `balanced` (`training.class_weighted`, as the members were: UF1 and UAR weigh every class
+    alike, and an unweighted stacker drifts to the majority class); its weight per member is
+    the norm of the member's coefficients, for the record."""
     from sklearn.linear_model import LogisticRegression
     feats = lambda d: np.log(np.clip(np.hstack([d[n] for n in members]), 1e-6, 1))  # noqa: E731
-    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(feats(oof), y)
+    clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed,
+                             class_weight="balanced" if balanced else None).fit(feats(oof), y)
     p = np.zeros((len(next(iter(test.values()))), num_classes))
     p[:, clf.classes_] = clf.predict_proba(feats(test))
     coef = np.abs(clf.coef_).reshape(len(clf.coef_), len(members), -1).sum(axis=(0, 2))
