@@ -102,6 +102,10 @@ def test_a_nested_run_logs_each_folds_choice_and_reproduces(subset, tmp_path):
             assert "selection.json" in [a.path for a in client.list_artifacts(f.info.run_id)]
         report, bad = evaluation.evaluate(s["run_id"])
         assert bad == [] and report["pooled"]["n"] == s["n"]
+        from mexp.serving.refit import refit
+        from mexp.tracking.runs import LineageError
+        with pytest.raises(LineageError, match="selection.mode=stack.*lr,svm"):
+            refit(run)                    # one refitted model would not be what was scored
 
 
 def test_inner_folds_train_as_one_vectorised_model_when_batching_is_on(subset):

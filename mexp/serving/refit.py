@@ -114,6 +114,12 @@ def refit(run, stage: str | None = None) -> Bundle:
     if run.data.tags.get(T + "leak") == "true":
         raise LineageError(f"run {rid} is tagged as leaking (stage1.scope=all_subjects): "
                            "its cross-validated score is not honest, it is not promoted")
+    if run.data.tags.get(T + "selection"):
+        raise LineageError(f"run {rid} chose among candidates per fold (selection.mode="
+                           f"{run.data.tags[T + 'selection']}, candidates "
+                           f"{run.data.tags.get(T + 'candidates', '?')}): promote refits one "
+                           "model and cannot reproduce that choice yet; promote a run of the "
+                           "candidate you want (selection.mode=none)")
     if stage == "train_cnn":
         return refit_cnn(rid)[0]
     if stage == "train_lstm":
