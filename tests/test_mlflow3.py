@@ -224,6 +224,7 @@ def test_a_fold_run_is_logged_in_few_client_calls(tracking):
     model = create_model("ststnet", num_classes=3, input_channels=3)
     history = [{"epoch": e, "train/loss": 1.0 / e} for e in range(1, 401)]
     calls = Counter()
+    mlflow.set_experiment("fold-logging")     # not an experiment id another test left set
     with mlflow.start_run() as run:
         logger = FoldLogger(run.info.run_id, "train_cnn", ["negative", "positive", "surprise"],
                             None)
