@@ -252,3 +252,37 @@ def test_a_fold_run_is_logged_in_few_client_calls(tracking):
     assert fold_run.data.tags["mexp.selected"] == "x"
     assert len(c.get_metric_history(res["fold_run_id"], "train/loss")) == 400
     assert fold_run.data.metrics["test/uf1"] == 1.0
+
+
+def test_a_dataset_registered_by_another_process_at_once_is_linked(tracking, monkeypatch):
+    """Three HPO workers starting trials at once raced on registering the same dataset: the
+    store's unique constraint refused the second insert and failed a trial. The insert is
+    retried (the dataset is then found); any other error still propagates. (The experiment's
+    creation is retried the same way: `mexp.tracking.runs.raced`.)"""
+    import mlflow
+    import pandas as pd
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from mexp.tracking import datasets
+    table = pd.DataFrame({"sample_id": ["a", "b"], "dataset": ["casme2"] * 2,
+                          "subject": ["1", "2"], "label": [0, 1]})
+    real, calls = mlflow.log_input, []
+
+    def racing(ds, context=None):
+        calls.append(ds.name)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: "
+                                  "datasets.experiment_id, datasets.name, datasets.digest")
+        return real(ds, context=context)
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    mlflow.set_experiment("race")
+    with mlflow.start_run() as run:
+        datasets.log_dataset(table, "d1gest", "casme2")
+    assert len(calls) == 2
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == ["d1gest"]
+    monkeypatch.setattr(mlflow, "log_input", lambda ds, context=None: (_ for _ in ()).throw(
+        MlflowException("connection refused")))
+    with mlflow.start_run(), pytest.raises(MlflowException, match="connection refused"):
+        datasets.log_dataset(table, "d1gest", "casme2")

@@ -8,7 +8,7 @@ import warnings
 import mlflow
 
 from mexp.engine.plans import FoldPlan, check_plan
-from mexp.tracking.runs import T, ResumeError, download
+from mexp.tracking.runs import T, ResumeError, download, raced
 
 
 def log_plan(plan: FoldPlan, sample_ids) -> None:
@@ -41,7 +41,7 @@ def log_dataset(table, digest: str, name: str) -> None:
     with warnings.catch_warnings():  # MLflow's schema hint about integer columns is noise here
         warnings.simplefilter("ignore", UserWarning)
         ds = mlflow.data.from_pandas(table[cols], name=name, digest=digest, targets="label")
-        mlflow.log_input(ds, context="training")
+        raced(lambda: mlflow.log_input(ds, context="training"))   # HPO workers at once
     mlflow.set_tags({T + "data_digest": digest, T + "dataset": name, T + "n_samples": len(table)})
     fixes = table.attrs.get("annotation_fixes") or []
     mlflow.set_tag(T + "annotation_fixes", len(fixes))

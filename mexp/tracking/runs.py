@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -45,6 +47,22 @@ def tracking_uri(cfg: Config) -> str:
             or f"sqlite:///{Path('mlflow.db').resolve()}")
 
 
+RACE = re.compile(r"unique|duplicate|already exists", re.I)
+
+
+def raced(call, tries: int = 3):
+    """`call()`, retried when another process created the same thing (experiment, dataset) at
+    the same moment and the store's unique constraint refused the second insert (seen with
+    three HPO workers starting at once); the retry finds it. Other errors propagate."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except MlflowException as e:
+            if attempt == tries - 1 or not RACE.search(str(e)):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def configure(cfg: Config) -> str:
     """Point MLflow at the tracking store and experiment; fail fast naming the URI.
     MLflow gets the real URI; what mexp logs or prints of it has credentials masked."""
@@ -63,7 +81,7 @@ def configure(cfg: Config) -> str:
                 return exp
         if mlflow.active_run():
             return mlflow.active_run().info.experiment_id
-        return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+        return raced(lambda: mlflow.set_experiment(cfg.tracking.experiment).experiment_id)
     except MlflowException as e:
         raise TrackingError(redact(f"cannot use tracking server {uri}: "
                                    f"{str(e).splitlines()[0]}")) from None
