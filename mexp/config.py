@@ -323,7 +323,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'training.cv_folds' must be >= 2")
     _check_recipe(cfg.training)
     if cfg.selection.mode != "none" or cfg.selection.candidates:
-        from mexp.engine.nested import check_selection
+        from mexp.engine.nested import check_selection     # lazy: config stays torch-free
         check_selection(cfg)
     if cfg.synth.frames < 8:
         raise ConfigError("config key 'synth.frames' must be >= 8 (onset, apex, offset need room)")

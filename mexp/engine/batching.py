@@ -61,11 +61,16 @@ _SEEDS: ContextVar[tuple] = ContextVar("mexp_seed_batch", default=())
 _KEPT: dict = {}            # (config without its seed, seed, k, fold ids) -> FoldOutput
 
 
-def _key(cfg, seed: int, k: int, fold) -> tuple:
+def _config_key(cfg) -> str:
+    """The config without its seed: what the repeats of one run share."""
     d = cfg.to_dict()
     d["training"] = {**d["training"], "seed": None}
-    return (json.dumps(d, sort_keys=True, default=str), seed, k, fold.name,
-            tuple(fold.train_ids), tuple(fold.val_ids), tuple(fold.test_ids))
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _key(base: str, seed: int, k: int, fold) -> tuple:
+    return (base, seed, k, fold.name, tuple(fold.train_ids), tuple(fold.val_ids),
+            tuple(fold.test_ids))
 
 
 def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
@@ -77,17 +82,16 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
     fold's arrays pass the same leak check first."""
     from mexp.engine.crossval import assert_rows_apart
     cfg, f = fold_fn.cfg, fold_fn
-    seed = cfg.training.seed
+    seed, base = cfg.training.seed, _config_key(cfg)
     extra = [s for s in _SEEDS.get() if s != seed] if other_seeds else []
-    jobs = [(seed, k, fold) for k, fold in todo if _key(cfg, seed, k, fold) not in _KEPT]
-    jobs += [(s, k, fold) for s in extra for k, fold in todo
-             if _key(cfg, s, k, fold) not in _KEPT]
+    jobs = [(s, k, fold) for s in [seed] + extra for k, fold in todo
+            if _key(base, s, k, fold) not in _KEPT]
     for k, fold in todo:                   # the leak check, before anything trains
         tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
         oracle = bool(set(fold.val_ids) & set(fold.test_ids))
         assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
-    trained = _train(f, jobs, device, chunk)
-    mine = [_key(cfg, seed, k, fold) for k, fold in todo]
+    trained = _train(f, jobs, device, chunk, base)
+    mine = [_key(base, seed, k, fold) for k, fold in todo]
     try:
         for (k, fold), key in zip(todo, mine):
             while key not in _KEPT:
@@ -100,7 +104,7 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
             _KEPT.pop(key, None)
 
 
-def _train(f, jobs: list, device, chunk: int):
+def _train(f, jobs: list, device, chunk: int, base: str):
     """Train `jobs` ((seed, k, fold), ...) chunk by chunk, keeping each output in `_KEPT`;
     yields after each chunk."""
     from mexp.engine.crossval import FoldOutput
@@ -124,7 +128,7 @@ def _train(f, jobs: list, device, chunk: int):
         for (s, k, fold), rep, res in zip(part, reps, results):
             fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
             example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()
-            _KEPT[_key(f.cfg, s, k, fold)] = FoldOutput(
+            _KEPT[_key(base, s, k, fold)] = FoldOutput(
                 list(f.ids[rep.test_idx]), res.probs, fit, list(f.ids[rep.train_idx]),
                 list(f.ids[rep.val_idx]), example)
         yield
