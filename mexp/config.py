@@ -301,9 +301,6 @@ def _check_recipe(t: TrainingConfig) -> None:
     if t.swa_epochs and (t.val_fraction or t.early_stopping):
         raise ConfigError("training.swa_epochs averages the final epochs: set "
                           "training.val_fraction=0 and training.early_stopping=0")
-    if t.fold_batching == "on" and (t.mixup or t.ema or t.swa_epochs):
-        raise ConfigError("training.fold_batching=on does not train mixup, ema or swa_epochs "
-                          "yet: set training.fold_batching to auto or off")
 
 
 def validate(cfg: Config) -> None:

@@ -346,3 +346,55 @@ def test_batched_and_serial_accuracy_agree_within_seed_noise(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         p[control] = float(re.search(r"Welch p = ([0-9.]+)", out.stdout).group(1))
     assert p[False] > 0.01 and p[True] < 0.01, (p, out.stdout)
+
+
+@pytest.mark.parametrize("recipe,dtype", [
+    (dict(mixup=0.4), "float64"), (dict(ema=0.9), "float64"), (dict(swa_epochs=2), "float64"),
+    (dict(ema=0.8, mixup=0.3), "float32"), (dict(swa_epochs=3, mixup=0.2), "float32")])
+def test_recipes_batched_match_serial(recipe, dtype):
+    """Mixup, the weight EMA and SWA (`mexp.engine.recipes`) batched give each replica what
+    its serial fit gives: the same mixup draws from its own rng, the EMA of its own steps
+    (validated and kept when there is a split), SWA's mean of its last epochs with BatchNorm
+    statistics recomputed on its own training rows; different training-set sizes and a
+    skipped batch of one included."""
+    dt = getattr(torch, dtype)
+    with_val = "swa_epochs" not in recipe          # SWA keeps the final epoch only
+
+    def make():
+        return TinyNet().to(dt)
+
+    def to_input(x):
+        return images_to_tensor(x).to(dt)
+
+    x, y = data(70)
+    reps = replicas(70, with_val)
+    cfg = tcfg(**{"epochs": 4, "early_stopping": 1 if with_val else 0,
+                  "class_weighted": dtype == "float32", **recipe})
+    got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
+    worst = 0.0
+    for g, rep in zip(got, reps):
+        engine.set_seed(rep.seed)
+        m = make()
+        val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
+        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3, to_input,
+                         seed=rep.seed)
+        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+        worst = max(worst, float(np.abs(g.probs - p).max()))
+        assert g.best_epoch == res.best_epoch and len(g.history) == len(res.history)
+        for k in res.state:
+            assert torch.allclose(g.state[k].double(), res.state[k].double(), atol=1e-4), k
+        for gh, wh in zip(g.history, res.history):
+            assert abs(gh["train/loss"] - wh["train/loss"]) < 1e-4
+    print(f"{recipe} {dtype}: max |p_batched - p_serial| = {worst:.3g}")
+    assert worst < (1e-10 if dtype == "float64" else TOL)
+
+
+def test_recipes_change_what_batched_training_keeps():
+    """The recipes are not silently ignored by the batched path."""
+    x, y = data(70)
+    reps = replicas(70, False)
+    plain = fb.fit_batched(TinyNet, x, y, reps, tcfg(), 3, images_to_tensor, device="cpu")
+    for recipe in (dict(mixup=0.4), dict(ema=0.9), dict(swa_epochs=2)):
+        other = fb.fit_batched(TinyNet, x, y, reps, tcfg(**recipe), 3, images_to_tensor,
+                               device="cpu")
+        assert max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(plain, other)) > 1e-3

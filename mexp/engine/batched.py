@@ -16,6 +16,11 @@ back once per epoch. Per replica the semantics are `mexp.engine.training.fit` + 
   each run their own number of steps, and none biases another;
 - BatchNorm statistics over the replica's real samples only, running stats as nn.BatchNorm;
 - validation selection (lowest validation loss, early stopping) or the final epoch, per replica.
+- the recipes of `mexp.engine.recipes`: mixup draws `lam ~ Beta` and a permutation of the
+  replica's own batch from its rng after the batch (only for batches of >= 2, as the serial
+  loop); the weight EMA is updated after each of the replica's own steps (BatchNorm statistics
+  included) and is what is validated, selected and kept; SWA averages the last epochs' weights
+  and recomputes BatchNorm statistics over the replica's training rows in their order.
 Differences from the serial loop: augmentation runs on the device (each replica's own rng,
 `make_augment`'s distribution, another stream) and dropout draws per replica, so with either
 the two paths differ within seed noise. Per-replica lr / weight decay (`Replica.lr`,
@@ -35,8 +40,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from mexp.engine.metrics import scores
-from mexp.engine.stacked import (_CTX, StackedOptimizer, as_augment, as_index, augment_inputs,
-                                 draw_augment, pad_rows, replace_batchnorm)
+from mexp.engine.stacked import (_CTX, MaskedBatchNorm, StackedOptimizer, as_augment, as_index,
+                                 augment_inputs, draw_augment, pad_rows, replace_batchnorm)
 from mexp.engine.training import class_weights, resolve_device, set_seed
 
 
@@ -87,9 +92,33 @@ class Lockstep:
                                 ).to(self.dev)
         self.Yd = torch.as_tensor(self.y, device=self.dev)
         self._settings(replicas)
+        self.vmap_chunk = vmap_chunk
         self.step_fn = vmap(grad(self._loss, has_aux=True), randomness="different",
                             chunk_size=vmap_chunk)
         self.eval_fn = vmap(self._logits, randomness="different")
+        self._recipes(tcfg)
+
+    def _recipes(self, tcfg) -> None:
+        """Mixup, weight EMA and SWA (`mexp.engine.recipes`), all off by default."""
+        self.mixup = float(getattr(tcfg, "mixup", 0.0) or 0.0)
+        self.ema = float(getattr(tcfg, "ema", 0.0) or 0.0)
+        swa = int(getattr(tcfg, "swa_epochs", 0) or 0)
+        self.swa_from = self.epochs - swa + 1 if swa else None
+        self.swa_count = 0
+        self.averaging = bool(self.ema) or self.swa_from is not None
+        if self.averaging:                      # the average starts at the initial weights
+            self.avg_p = {k: v.clone() for k, v in self.params.items()}
+            self.avg_b = {k: v.clone() for k, v in self.buffers.items()}
+            if self.use_val.any():              # the kept best is of the averaged weights
+                self.best_p = {k: v.clone() for k, v in self.avg_p.items()}
+                self.best_b = {k: v.clone() for k, v in self.avg_b.items()}
+        if self.mixup:
+            self.mix_fn = vmap(grad(self._mixed_loss, has_aux=True), randomness="different",
+                               chunk_size=self.vmap_chunk)
+
+    def scored(self) -> tuple[dict, dict]:
+        """The weights that are validated and kept: the average under EMA / SWA."""
+        return (self.avg_p, self.avg_b) if self.averaging else (self.params, self.buffers)
 
     def _stack(self, make_model, replicas, initial_states) -> None:
         models = []
@@ -147,6 +176,22 @@ class Lockstep:
         loss = (nll * sw).sum() / torch.where(tot > 0, tot, torch.ones_like(tot))
         return loss, (loss.detach(), upd)
 
+    def _mixed_loss(self, p, fz, b, x, yb, sw, yb2, sw2, lam, mask):
+        """`recipes.mixed_loss` for one replica: x is already mixed; lam its Beta draw."""
+        _CTX.mask, _CTX.updates = mask, {}
+        try:
+            out = functional_call(self.base, (p, fz, b), (x,))
+            upd = _CTX.updates
+        finally:
+            _CTX.mask, _CTX.updates = None, None
+
+        def part(target, w):
+            tot = w.sum()
+            return (F.cross_entropy(out, target, reduction="none") * w).sum() / torch.where(
+                tot > 0, tot, torch.ones_like(tot))
+        loss = lam * part(yb, sw) + (1.0 - lam) * part(yb2, sw2)
+        return loss, (loss.detach(), upd)
+
     def _logits(self, p, fz, b, x, mask):
         _CTX.mask, _CTX.updates = mask, None
         try:
@@ -156,13 +201,15 @@ class Lockstep:
 
     @torch.no_grad()
     def predict(self, groups: list[np.ndarray]) -> list[np.ndarray]:
+        """Probabilities of the scored weights (`scored`) on each replica's rows."""
         self.base.eval()
+        params, buffers = self.scored()
         idx, mask = pad_rows(groups)
         out = []
         for i in range(0, idx.shape[1], self.eval_chunk):
             it = torch.as_tensor(idx[:, i:i + self.eval_chunk], device=self.dev)
             mt = torch.as_tensor(mask[:, i:i + self.eval_chunk], device=self.dev)
-            out.append(torch.softmax(self.eval_fn(self.params, self.frozen, self.buffers,
+            out.append(torch.softmax(self.eval_fn(params, self.frozen, buffers,
                                                   self.Xd[it], mt.float()), -1))
         probs = torch.cat(out, 1).cpu().numpy()
         return [probs[r, :len(g)] for r, g in enumerate(groups)]
@@ -176,6 +223,8 @@ class Lockstep:
         idx, msk = np.zeros((S, R, B), np.int64), np.zeros((S, R, B), bool)
         flip, shift = np.zeros((S, R, B), bool), np.zeros((S, R, B, 2), np.int64)
         active = np.zeros((S, R), bool)
+        lam = np.ones((S, R))
+        perm = np.broadcast_to(np.arange(B), (S, R, B)).copy() if self.mixup else None
         for r in live:
             order = self.rngs[r].permutation(len(tr[r]))
             if self.aug is not None:
@@ -190,11 +239,16 @@ class Lockstep:
                 if self.aug is not None:
                     pos = s * bs + j                            # each sample keeps its draw
                     flip[s, r, :k], shift[s, r, :k] = fl[pos], sh[pos]
+                if self.mixup and k >= 2:                       # recipes.mixed_loss's draws
+                    lam[s, r] = self.rngs[r].beta(self.mixup, self.mixup)
+                    perm[s, r, :k] = self.rngs[r].permutation(k)
         t = lambda a: torch.as_tensor(a, device=self.dev)      # noqa: E731
         sc = torch.as_tensor(self.opt.plan(active), dtype=self.Xd.dtype, device=self.dev)
         return {"S": S, "idx": t(idx), "mask": t(msk & active[:, :, None]).float(),
                 "active": t(active), "flip": t(flip), "shift": t(shift), "sc": sc,
-                "first": sc[:, 1] > 0.5 if self.opt_kind == "sgd" else None}
+                "first": sc[:, 1] > 0.5 if self.opt_kind == "sgd" else None,
+                "lam": torch.as_tensor(lam, dtype=self.Xd.dtype, device=self.dev),
+                "perm": t(perm) if perm is not None else None}
 
     def run_epoch(self, plan: dict) -> np.ndarray:
         """The epoch's steps, with no host sync inside; the mean training loss per replica."""
@@ -209,19 +263,103 @@ class Lockstep:
                                     self.aug.u_channel if self.aug.kind == "flow" else None)
             mk = plan["mask"][s]
             sw = torch.gather(self.cw, 1, yb) * mk
-            grads, (loss, upd) = self.step_fn(self.params, self.frozen, self.buffers, xb, yb, sw, mk)
+            if self.mixup:
+                pm, lam = plan["perm"][s], plan["lam"][s]
+                rows = torch.arange(self.R, device=self.dev)[:, None]
+                lx = lam.reshape((self.R,) + (1,) * (xb.dim() - 1))
+                xb = lx * xb + (1.0 - lx) * xb[rows, pm]
+                yb2 = yb[rows, pm]
+                sw2 = torch.gather(self.cw, 1, yb2) * mk
+                grads, (loss, upd) = self.mix_fn(self.params, self.frozen, self.buffers, xb, yb,
+                                                 sw, yb2, sw2, lam, mk)
+            else:
+                grads, (loss, upd) = self.step_fn(self.params, self.frozen, self.buffers, xb, yb,
+                                                  sw, mk)
             self.opt.step(self.params, grads, plan["sc"][s],
                           plan["first"][s] if plan["first"] is not None else None)
             a = plan["active"][s]
             with torch.no_grad():
-                for name, (rm, rv) in upd.items():
-                    for suffix, new in ((".running_mean", rm), (".running_var", rv)):
-                        old = self.buffers[name + suffix]
-                        old.copy_(_where(a, new, old))
-                for k in self.nbt_keys:
-                    self.buffers[k].add_(a.to(self.buffers[k].dtype))
+                self._apply_bn(upd, a)
+                if self.ema:
+                    self._average(a, self.ema)
                 total += torch.where(a, loss.double() * mk.sum(1).double(), 0.0)
         return total.cpu().numpy() / np.maximum([len(t) for t in self.tr], 1)
+
+    def _apply_bn(self, upd: dict, a: torch.Tensor) -> None:
+        """BatchNorm running-stat updates of the replicas that stepped (`a`)."""
+        for name, (rm, rv) in upd.items():
+            for suffix, new in ((".running_mean", rm), (".running_var", rv)):
+                old = self.buffers[name + suffix]
+                old.copy_(_where(a, new, old))
+        for k in self.nbt_keys:
+            self.buffers[k].add_(a.to(self.buffers[k].dtype))
+
+    @torch.no_grad()
+    def _average(self, a: torch.Tensor, decay: float | None) -> None:
+        """Fold the current weights into the average of the replicas in `a`: an EMA step
+        (`decay`) or an SWA epoch (decay None: equal weights over the epochs so far), as
+        `recipes.WeightAverage`; integer buffers are copied."""
+        if decay is None:
+            self.swa_count += 1
+        for src, dst in ((self.params, self.avg_p), (self.buffers, self.avg_b)):
+            for k, v in src.items():
+                avg = dst[k]
+                if not v.is_floating_point():
+                    new = v
+                elif decay is None:
+                    new = avg.add(v - avg, alpha=1.0 / self.swa_count)
+                else:
+                    new = avg.mul(decay).add(v, alpha=1.0 - decay)
+                avg.copy_(_where(a, new, avg))
+
+    def end_epoch(self, epoch: int) -> None:
+        """SWA: the epoch's weights join the average from `swa_from` on."""
+        if self.swa_from is not None and epoch >= self.swa_from:
+            self._average(torch.ones(self.R, dtype=torch.bool, device=self.dev), None)
+
+    @torch.no_grad()
+    def recompute_batchnorm(self) -> None:
+        """`recipes.recompute_batchnorm` for every replica's averaged weights: statistics
+        reset, then the cumulative mean over the replica's training rows in batches, in their
+        order, skipping batches of one (no augmentation)."""
+        bns = [m for m in self.base.modules() if isinstance(m, MaskedBatchNorm)]
+        if not bns:
+            return
+        for m in bns:
+            if m.running_mean is not None:
+                self.avg_b[m._fb_name + ".running_mean"].zero_()
+                self.avg_b[m._fb_name + ".running_var"].fill_(1.0)
+                self.avg_b[m._fb_name + ".num_batches_tracked"].zero_()
+        moments = [m.momentum for m in bns]
+        for m in bns:
+            m.momentum = None
+        self.base.train()
+
+        def stats(p, fz, b, x, mask):
+            _CTX.mask, _CTX.updates = mask, {}
+            try:
+                functional_call(self.base, (p, fz, b), (x,))
+                return _CTX.updates
+            finally:
+                _CTX.mask, _CTX.updates = None, None
+        pass_fn = vmap(stats, randomness="different")
+        try:
+            for i in range(0, max(len(t) for t in self.tr), self.bs):
+                groups = [t[i:i + self.bs] for t in self.tr]
+                idx, mask = pad_rows(groups)
+                a = torch.as_tensor([len(g) > 1 for g in groups], device=self.dev)
+                mt = torch.as_tensor(mask, device=self.dev).float() * a[:, None]
+                upd = pass_fn(self.avg_p, self.frozen, self.avg_b,
+                              self.Xd[torch.as_tensor(idx, device=self.dev)], mt)
+                for name, (rm, rv) in upd.items():
+                    for suffix, new in ((".running_mean", rm), (".running_var", rv)):
+                        old = self.avg_b[name + suffix]
+                        old.copy_(_where(a, new, old))
+                for k in self.nbt_keys:
+                    self.avg_b[k].add_(a.to(self.avg_b[k].dtype))
+        finally:
+            for m, mom in zip(bns, moments):
+                m.momentum = mom
 
     def validate(self, epoch: int, live: np.ndarray, rows: dict) -> None:
         """Validation scores per replica with a split; keep each replica's best weights."""
@@ -244,7 +382,7 @@ class Lockstep:
         if improved.any():
             imp = torch.as_tensor(improved, device=self.dev)
             with torch.no_grad():
-                for src, dst in ((self.params, self.best_p), (self.buffers, self.best_b)):
+                for src, dst in zip(self.scored(), (self.best_p, self.best_b)):
                     for k, v in src.items():
                         dst[k].copy_(_where(imp, v, dst[k]))
 
@@ -252,6 +390,11 @@ class Lockstep:
         """Kept weights (the best validation epoch, else the final one), test probabilities."""
         res = self.results
         keep_best = np.array([self.use_val[r] and res[r].best_epoch > 0 for r in range(self.R)])
+        if self.swa_from is not None:
+            self.recompute_batchnorm()
+        if self.averaging:                      # from here on the kept weights are the average
+            self.params, self.buffers = self.avg_p, self.avg_b
+            self.averaging = False
         with torch.no_grad():
             if keep_best.any():
                 kb = torch.as_tensor(keep_best, device=self.dev)
@@ -289,6 +432,7 @@ def fit_batched(make_model: Callable[[], nn.Module], X: np.ndarray, y: np.ndarra
         if not len(live):
             break
         train_loss = ls.run_epoch(ls.plan_epoch(live))
+        ls.end_epoch(epoch)
         rows = {r: {"epoch": epoch, "train/loss": float(train_loss[r])} for r in live}
         ls.validate(epoch, live, rows)
         for r in live:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from mexp.engine.batched import Replica, fit_batched
-from mexp.engine.recipes import recipe_keys
 
 # Largest model `fold_batching: auto` stacks on a GPU (parameters per replica): the field's
 # flow nets are 1.7K (STSTNet) to 6.5M (Dual-Inception).
@@ -31,8 +30,6 @@ def choose(mode: str, fold_fn, device: torch.device) -> tuple[bool, str]:
     model = fold_fn.make_model()
     if hasattr(model, "fit_numpy"):
         return False, "a closed-form model (fitted once, no epochs)"
-    if recipe_keys(fold_fn.cfg.training):
-        return False, f"{', '.join(recipe_keys(fold_fn.cfg.training))} not batched yet"
     if mode == "on":
         return True, "training.fold_batching=on"
     n = sum(p.numel() for p in model.parameters())
