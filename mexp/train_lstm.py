@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from mexp.tracking.folds import cross_validate
 from mexp.tracking.repeats import run_repeats
 from mexp.tracking.summary import summary_line
 from mexp.config import Config
-from mexp.engine.crossval import FoldOutput, fit_rows, fold_rows
-from mexp.engine.plans import Fold, FoldPlan
+from mexp.engine.crossval import BlockFolds
+from mexp.engine.plans import FoldPlan
 from mexp.data.datasets import resolve_path
 from mexp.data.inputs import features_to_tensor
 from mexp.models.build import build_model, model_spec
@@ -84,17 +85,16 @@ def adopt_plan(cfg: Config, plan: FoldPlan) -> None:
     t.cv_method, t.cv_folds = method, folds
 
 
-def make_fold_fn(cfg: Config, feats: Features, classes):
+def make_fold_fn(cfg: Config, feats: Features, classes) -> BlockFolds:
+    """Each fold's features come from that fold's own CNN: a fold reads its own array (fold
+    batching stacks them, `BlockFolds`)."""
     ids = feats.table["sample_id"].to_numpy()
-    pos = {s: i for i, s in enumerate(ids)}
     y = feats.table["label"].to_numpy(np.int64)
-
-    def fold_fn(k: int, fold: Fold) -> FoldOutput:
-        x = feats.fold(fold.name).astype(np.float32)          # (N, T, D)
-        spec = model_spec(cfg, "lstm", num_classes=len(classes), input_dim=x.shape[-1])
-        return fit_rows(cfg, k, fold, lambda: build_model(spec), x, y, ids, fold_rows(fold, pos),
-                        features_to_tensor)
-    return fold_fn
+    dim = np.load(feats.folder / f"fold={feats.plan.folds[0].name}.npy", mmap_mode="r").shape[-1]
+    spec = model_spec(cfg, "lstm", num_classes=len(classes), input_dim=dim)
+    return BlockFolds(cfg, partial(build_model, spec),
+                      lambda fold: feats.fold(fold.name).astype(np.float32), y, ids,
+                      features_to_tensor)
 
 
 def main(cfg: Config) -> dict:

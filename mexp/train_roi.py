@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,7 @@ from mexp.tracking.repeats import run_repeats
 from mexp.engine.setup import fold_plan
 from mexp.tracking.summary import summary_line
 from mexp.config import Config
-from mexp.engine.crossval import FoldOutput, fit_rows, fold_rows
-from mexp.engine.plans import Fold
+from mexp.engine.crossval import BlockFolds, fold_rows
 from mexp.data.inputs import features_to_tensor
 from mexp.models.build import build_model, model_spec
 from mexp.tracking.runs import T, download, stage_run, start
@@ -45,18 +45,17 @@ def standardise(x: np.ndarray, train_idx) -> np.ndarray:
     return ((x - mu) / sd).astype(np.float32)
 
 
-def make_fold_fn(cfg: Config, table: pd.DataFrame, x: np.ndarray, classes):
+def make_fold_fn(cfg: Config, table: pd.DataFrame, x: np.ndarray, classes) -> BlockFolds:
+    """Each fold standardises with its own training rows: a fold's array is its own
+    (fold batching stacks them, `BlockFolds`)."""
     ids = table["sample_id"].to_numpy()
     pos = {s: i for i, s in enumerate(ids)}
     y = table["label"].to_numpy(np.int64)
     spec = model_spec(cfg, "roi_transformer", num_classes=len(classes), input_dim=x.shape[-1],
                       max_len=max(64, x.shape[1]))
-
-    def fold_fn(k: int, fold: Fold) -> FoldOutput:
-        rows = fold_rows(fold, pos)
-        return fit_rows(cfg, k, fold, lambda: build_model(spec), standardise(x, rows[0]), y, ids,
-                        rows, features_to_tensor)
-    return fold_fn
+    return BlockFolds(cfg, partial(build_model, spec),
+                      lambda fold: standardise(x, fold_rows(fold, pos)[0]), y, ids,
+                      features_to_tensor)
 
 
 def main(cfg: Config) -> dict:

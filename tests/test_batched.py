@@ -398,3 +398,54 @@ def test_recipes_change_what_batched_training_keeps():
         other = fb.fit_batched(TinyNet, x, y, reps, tcfg(**recipe), 3, images_to_tensor,
                                device="cpu")
         assert max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(plain, other)) > 1e-3
+
+
+@pytest.mark.parametrize("layers,bidirectional,batch_first", [(2, False, True), (1, True, False)])
+def test_unrolled_lstm_is_torch_lstm(layers, bidirectional, batch_first):
+    """The vmap-able LSTM (`stacked.UnrolledLSTM`) computes what nn.LSTM computes, with the
+    same parameters: outputs, final states and gradients, with and without initial states."""
+    from mexp.engine.stacked import UnrolledLSTM
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 4, layers, batch_first=batch_first, bidirectional=bidirectional).double()
+    mine = UnrolledLSTM(ref)
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    if not batch_first:
+        x = x.detach().transpose(0, 1).contiguous().requires_grad_()
+    d = 2 if bidirectional else 1
+    h0 = (torch.randn(layers * d, 3, 4, dtype=torch.float64),
+          torch.randn(layers * d, 3, 4, dtype=torch.float64))
+    for hc in (None, h0):
+        (o1, (h1, c1)), (o2, (h2, c2)) = ref(x, hc), mine(x, hc)
+        for a, b in ((o1, o2), (h1, h2), (c1, c2)):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-12)
+        g1 = torch.autograd.grad(o1.square().sum(), [x, ref.weight_hh_l0])
+        g2 = torch.autograd.grad(o2.square().sum(), [x, mine.weight_hh_l0])
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_lstm_replicas_match_serial():
+    """The stage-2 LSTM, batched (unrolled under vmap), gives each replica what its serial fit
+    gives in float64."""
+    dt = torch.float64
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(70, 6, 12)), rng.integers(0, 3, 70)
+
+    def make():
+        return create_model("lstm", num_classes=3, input_dim=12, hidden_size=8,
+                            dropout=0.0).to(dt)
+
+    def to_input(a):
+        return torch.as_tensor(a, dtype=dt)
+
+    reps = replicas(70, True)
+    cfg = tcfg(epochs=3, early_stopping=1, class_weighted=False)
+    got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
+    for g, rep in zip(got, reps):
+        engine.set_seed(rep.seed)
+        m = make()
+        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]),
+                         (x[rep.val_idx], y[rep.val_idx]), cfg, 3, to_input, seed=rep.seed)
+        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+        assert g.best_epoch == res.best_epoch
+        assert np.abs(g.probs - p).max() < 1e-10

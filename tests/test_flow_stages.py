@@ -35,6 +35,25 @@ def test_extract_flow_then_train_roi(tiny_cfg, tracking, tmp_path):
     assert bad == [] and report["pooled"]["n"] == 42
     assert "predictions.csv" in {a.path for a in client.list_artifacts(s["run_id"])}
 
+    # fold batching (each fold's own standardisation stacked as blocks; no dropout): the same
+    # per-fold probabilities as one fold after another
+    cfg.model.dropout, cfg.training.fold_workers, cfg.training.device = 0.0, 1, "cpu"
+    probs = {}
+    for mode in ("off", "on"):
+        cfg.training.fold_batching = mode
+        s = train_roi.main(cfg)
+        assert client.get_run(s["run_id"]).data.tags["mexp.fold_path"] == (
+            "batched on cpu" if mode == "on" else "serial")
+        p = client.download_artifacts(s["run_id"], "predictions.csv", str(tmp_path / mode))
+        probs[mode] = np.loadtxt(p, delimiter=",", skiprows=1, usecols=_prob_columns(p))
+        assert evaluation.evaluate(s["run_id"])[1] == []
+    assert np.abs(probs["on"] - probs["off"]).max() < 1e-3
+
+
+def _prob_columns(path) -> list[int]:
+    head = open(path).readline().strip().split(",")
+    return [i for i, c in enumerate(head) if c.startswith("prob_")]
+
 
 def test_normalisation_uses_training_rows_only():
     x = np.zeros((4, 2, 14), np.float32)

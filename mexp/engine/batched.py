@@ -38,10 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mexp.engine.metrics import scores
 from mexp.engine.stacked import (_CTX, MaskedBatchNorm, StackedOptimizer, as_augment, as_index,
-                                 augment_inputs, draw_augment, pad_rows, replace_batchnorm)
+                                 augment_inputs, draw_augment, pad_rows, replace_batchnorm,
+                                 replace_lstm)
 from mexp.engine.training import class_weights, resolve_device, set_seed
 
 
@@ -133,6 +135,7 @@ class Lockstep:
                           for m in models[0].modules())
         self.base = copy.deepcopy(models[0])
         replace_batchnorm(self.base)
+        replace_lstm(self.base)
         params_all, buffers = stack_module_state(models)
         trainable = {n for n, p in models[0].named_parameters() if p.requires_grad}
         self.params = {k: v.detach().clone() for k, v in params_all.items() if k in trainable}
@@ -206,11 +209,16 @@ class Lockstep:
         params, buffers = self.scored()
         idx, mask = pad_rows(groups)
         out = []
-        for i in range(0, idx.shape[1], self.eval_chunk):
-            it = torch.as_tensor(idx[:, i:i + self.eval_chunk], device=self.dev)
-            mt = torch.as_tensor(mask[:, i:i + self.eval_chunk], device=self.dev)
-            out.append(torch.softmax(self.eval_fn(params, self.frozen, buffers,
-                                                  self.Xd[it], mt.float()), -1))
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)     # its fused kernel has no vmap rule
+        try:
+            for i in range(0, idx.shape[1], self.eval_chunk):
+                it = torch.as_tensor(idx[:, i:i + self.eval_chunk], device=self.dev)
+                mt = torch.as_tensor(mask[:, i:i + self.eval_chunk], device=self.dev)
+                out.append(torch.softmax(self.eval_fn(params, self.frozen, buffers,
+                                                      self.Xd[it], mt.float()), -1))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
         probs = torch.cat(out, 1).cpu().numpy()
         return [probs[r, :len(g)] for r, g in enumerate(groups)]
 
@@ -425,6 +433,13 @@ def fit_batched(make_model: Callable[[], nn.Module], X: np.ndarray, y: np.ndarra
     if not replicas:
         return []
     device = device if device is not None else getattr(tcfg, "device", "auto")
+    with sdpa_kernel([SDPBackend.MATH]):    # attention as plain ops: the fused kernels have no vmap rule
+        return _fit(make_model, X, y, replicas, tcfg, num_classes, to_input, augment, device,
+                    initial_states, eval_chunk, vmap_chunk, on_epoch)
+
+
+def _fit(make_model, X, y, replicas, tcfg, num_classes, to_input, augment, device,
+         initial_states, eval_chunk, vmap_chunk, on_epoch) -> list[ReplicaResult]:
     ls = Lockstep(make_model, X, y, replicas, tcfg, num_classes, to_input, augment,
                   device, initial_states, eval_chunk, vmap_chunk)
     for epoch in range(1, ls.epochs + 1):

@@ -129,6 +129,57 @@ class RowFolds:
                         self.rows(fold), self.to_input, self.augment)
 
 
+class BlockFolds(RowFolds):
+    """Folds whose arrays differ per fold (train_lstm: each fold's own CNN features; train_roi:
+    each fold's own standardisation), seen by fold batching as rows of one array set: a fold's
+    array is one block of `x`, added when `rows(fold)` first asks for that fold (so an inner
+    fold of nested selection gets its own block too), and `y` / `ids` repeat per block. Called
+    as `(k, fold)` it is the plain fold recipe on `fold_x(fold)` alone: nothing is stacked
+    unless the folds are batched."""
+
+    def __init__(self, cfg, make_model: Callable, fold_x: Callable[[Fold], np.ndarray],
+                 y: np.ndarray, ids: np.ndarray, to_input: Callable, augment=None,
+                 augment_kind: str = ""):
+        self.cfg, self.make_model, self.fold_x, self.to_input = cfg, make_model, fold_x, to_input
+        self.augment, self.augment_kind = augment, augment_kind
+        self.base_y, self.base_ids = np.asarray(y), np.asarray(ids)
+        self.pos = {s: i for i, s in enumerate(self.base_ids)}
+        self.blocks: dict[tuple, int] = {}           # fold key -> block number
+        self._arrays: list[np.ndarray] = []
+        self._x = None
+
+    @staticmethod
+    def _fold_key(fold: Fold) -> tuple:
+        return fold.name, tuple(fold.train_ids), tuple(fold.val_ids), tuple(fold.test_ids)
+
+    def rows(self, fold: Fold) -> tuple:
+        key = self._fold_key(fold)
+        if key not in self.blocks:
+            self.blocks[key] = len(self._arrays)
+            self._arrays.append(self.fold_x(fold))
+            self._x = None
+        off = self.blocks[key] * len(self.base_ids)
+        return tuple([i + off for i in r] for r in fold_rows(fold, self.pos))
+
+    @property
+    def x(self) -> np.ndarray:
+        if self._x is None:
+            self._x = np.concatenate(self._arrays) if self._arrays else np.zeros((0,))
+        return self._x
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.tile(self.base_y, max(len(self._arrays), 1))
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.tile(self.base_ids, max(len(self._arrays), 1))
+
+    def __call__(self, k: int, fold: Fold) -> FoldOutput:
+        return fit_rows(self.cfg, k, fold, self.make_model, self.fold_x(fold), self.base_y,
+                        self.base_ids, fold_rows(fold, self.pos), self.to_input, self.augment)
+
+
 class Recorder(Protocol):
     """What `run_plan` hands each finished fold to (`mexp.tracking.folds.FoldLogger`)."""
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None: ...

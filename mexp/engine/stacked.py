@@ -1,6 +1,7 @@
 """The parts of fold batching (`mexp.engine.batched`) that stack R replicas of one model:
 a BatchNorm whose batch statistics skip padded samples and whose running-stat updates are
-returned (so it runs under vmap + grad), augmentation of stacked batches on the device, and
+returned (so it runs under vmap + grad), an LSTM unrolled into matmuls (vmap has no rule for
+torch's fused one), augmentation of stacked batches on the device, and
 Adam / AdamW / SGD over stacked tensors with per-replica lr, weight decay and step counts."""
 from __future__ import annotations
 
@@ -93,6 +94,75 @@ def replace_batchnorm(model: nn.Module) -> list[str]:
                 q = f"{name}.{cname}" if name else cname
                 setattr(mod, cname, MaskedBatchNorm(child, q))
                 names.append(q)
+    return names
+
+
+# ------------------------------------------------------------------------------- recurrent
+class UnrolledLSTM(nn.Module):
+    """nn.LSTM written out as matmuls and a loop over time, so that it runs under vmap (torch
+    has no batching rule for aten::lstm). Same parameter names and gate order (i, f, g, o), the
+    same inter-layer dropout; unidirectional or bidirectional, batch_first or not, no
+    proj_size. Returns (output, (h_n, c_n)) as nn.LSTM."""
+
+    def __init__(self, lstm: nn.LSTM):
+        super().__init__()
+        if lstm.proj_size:
+            raise ValueError("fold batching cannot unroll an LSTM with proj_size")
+        self.num_layers, self.hidden_size = lstm.num_layers, lstm.hidden_size
+        self.bidirectional, self.batch_first = lstm.bidirectional, lstm.batch_first
+        self.dropout, self.bias = float(lstm.dropout), lstm.bias
+        for name in lstm._flat_weights_names:
+            setattr(self, name, getattr(lstm, name))
+        self.training = lstm.training
+
+    def _direction(self, x: torch.Tensor, layer: int, suffix: str, h, c):
+        w_ih = getattr(self, f"weight_ih_l{layer}{suffix}")
+        w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
+        gx = x @ w_ih.T                                             # (T, B, 4H), all steps
+        if self.bias:
+            gx = gx + getattr(self, f"bias_ih_l{layer}{suffix}") + \
+                getattr(self, f"bias_hh_l{layer}{suffix}")
+        steps = range(x.shape[0] - 1, -1, -1) if suffix else range(x.shape[0])
+        out = [None] * x.shape[0]
+        for t in steps:
+            i, f, g, o = (gx[t] + h @ w_hh.T).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            out[t] = h
+        return torch.stack(out), h, c
+
+    def forward(self, x: torch.Tensor, hc=None):
+        if self.batch_first:
+            x = x.transpose(0, 1)                                   # (T, B, D)
+        dirs = ("", "_reverse") if self.bidirectional else ("",)
+        B, H = x.shape[1], self.hidden_size
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            if layer and self.dropout and self.training:
+                x = nn.functional.dropout(x, self.dropout, True)
+            outs = []
+            for d, suffix in enumerate(dirs):
+                j = layer * len(dirs) + d
+                h0 = x.new_zeros(B, H) if hc is None else hc[0][j]
+                c0 = x.new_zeros(B, H) if hc is None else hc[1][j]
+                o, h, c = self._direction(x, layer, suffix, h0, c0)
+                outs.append(o)
+                hs.append(h)
+                cs.append(c)
+            x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        return x, (torch.stack(hs), torch.stack(cs))
+
+
+def replace_lstm(model: nn.Module) -> list[str]:
+    """In place: every nn.LSTM -> UnrolledLSTM. Returns their qualified names."""
+    names = []
+    for name, mod in list(model.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.LSTM):
+                setattr(mod, cname, UnrolledLSTM(child))
+                names.append(f"{name}.{cname}" if name else cname)
     return names
 
 
