@@ -11,6 +11,13 @@ epochs, AdamW, class-weighted, flip/shift augmentation) with `repeats=--seeds`:
 Prints wall time, process CPU time, the run's `mexp.fold_path` tag and the 3-seed mean (or the
 one seed's) UF1/UAR, and on CUDA the GPU utilisation sampled by nvidia-ml-py during the run.
 Data: `$MEXP_DATA/megc2019_flow28` (default ../shared/data).
+
+    python bench/fold_batching.py --workload demo [--paths ...] [--epochs 15] [--seeds 1]
+
+The demo LOSO pipeline instead: `configs/demo.yaml` with `training.cv_method=LOSO` on the
+synthetic CASME II-sized set (26 subjects; train_cnn -> extract_features -> train_lstm, 26
+folds per stage), each path with its own SQLite store and a warm clip cache; per-stage times
+and both training stages' fold-path tags.
 """
 from __future__ import annotations
 
@@ -76,20 +83,58 @@ def run(path: str, seeds: int, extra: list[str]) -> dict:
             "uar": out["uar"], "gpu": gpu.summary(), "run": out["run_id"]}
 
 
+def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
+    """The two-stage demo pipeline under LOSO through one path, in its own store."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from _setup import synthetic_overrides
+    from mexp import main as pipeline
+    mlflow.set_tracking_uri(f"sqlite:///{work / (path + '.db')}")
+    cfg = load_config(REPO / "configs/demo.yaml", synthetic_overrides(work) + [
+        "training.cv_method=LOSO", "output.local=false", f"repeats={seeds}", *PATHS[path],
+        *extra])
+    gpu = GPUSampler()
+    gpu.start()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    out = pipeline.main(cfg)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    gpu.stop.set()
+    client, stages, tags = MlflowClient(), {}, []
+    for stage in ("cnn", "features", "lstm"):
+        info = client.get_run(out[f"{stage}_run_id"])
+        stages[stage] = (info.info.end_time - info.info.start_time) / 1000
+        if stage != "features":
+            tags.append(info.data.tags.get("mexp.fold_path", "?"))
+    return {"path": path, "wall": wall, "cpu": cpu, "tag": " / ".join(tags), "uf1": out["uf1"],
+            "uar": out.get("uar", float("nan")), "gpu": gpu.summary(), "run": out["run_id"],
+            "stages": stages}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=("megc", "demo"), default="megc")
     ap.add_argument("--paths", default="serial,pool,batched")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default="")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more config overrides for every path (e.g. a smaller synthetic set)")
     args = ap.parse_args()
-    work = workdir(args.workdir, "mexp-fold-batching-")
+    work = workdir(args.workdir, "mexp-fold-batching-", tracking=args.workload == "megc")
     extra = [f"training.device={args.device}"] + (
-        [f"training.epochs={args.epochs}"] if args.epochs else [])
+        [f"training.epochs={args.epochs}"] if args.epochs else []) + args.set
+    if args.workload == "demo":
+        from _setup import synthetic_config
+        from mexp.data.datasets import load_dataset
+        load_dataset(synthetic_config("demo.yaml", work, extra).data)     # warm the clip cache
     rows = []
     for path in args.paths.split(","):
-        r = run(path, args.seeds, extra)
+        r = run_demo(path, args.seeds, extra, work) if args.workload == "demo" else \
+            run(path, args.seeds, extra)
+        if "stages" in r:
+            print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items()))
         rows.append(r)
         print(f"RESULT {path}: {r['wall']:.1f} s wall, {r['cpu']:.0f} s CPU, UF1 {r['uf1']:.4f} "
               f"UAR {r['uar']:.4f}, {r['tag']}, GPU {r['gpu']}, run {r['run']}", flush=True)
