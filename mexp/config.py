@@ -165,6 +165,7 @@ class SelectionConfig:               # nested selection: nothing is chosen on th
     candidates: dict = field(default_factory=dict)   # name -> overrides of training.*, model.*, data.augmentation
     inner_folds: int = 0             # 0: leave-one-subject-out over the outer fold's training subjects
     metric: str = "uf1"              # uf1 | uar: pooled over the inner folds
+    stack_database: bool = False     # stack: the stacker also sees each clip's database (one-hot)
 
 
 @dataclass

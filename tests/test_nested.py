@@ -40,6 +40,7 @@ def _cfg(root, *extra):
     (["selection.candidates={a: {training.epohcs: 3}}"], "selection.candidates.a: unknown config key 'training.epohcs'"),
     (["selection.mode=none"], "selection.mode is none"),
     (["selection.inner_folds=1"], "selection.inner_folds must be 0"),
+    (["selection.stack_database=true"], "stack_database=true needs selection.mode=stack"),
 ])
 def test_a_bad_selection_is_refused_by_the_config(subset, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -141,3 +142,32 @@ def test_the_stacker_weighs_classes_as_the_members_were_trained():
         assert np.allclose(p.sum(1), 1) and set(w) == {"a", "b"}
         recall1[balanced] = (p.argmax(1)[yt == 1] == 1).mean()
     assert recall1[True] > recall1[False] + 0.2, recall1
+
+
+def test_the_database_aware_stacker_learns_each_databases_class_balance():
+    """`selection.stack_database`: with members that cannot tell the classes apart, the stacker
+    given each clip's database (one-hot, fitted on the inner folds only) predicts the class that
+    database's inner samples hold; without it, it cannot. A database no inner sample has gets
+    zeros, and the member weights still sum to 1."""
+    from mexp.engine.nested import stack
+    rng = np.random.default_rng(1)
+    dbs = ["casme2"] * 60 + ["samm"] * 60
+    y = np.array([0] * 50 + [1] * 10 + [1] * 50 + [0] * 10)        # each database's own balance
+    noise = lambda n: rng.dirichlet([5, 5], n)                    # noqa: E731 (uninformative)
+    oof, test = {"a": noise(120), "b": noise(120)}, {"a": noise(30), "b": noise(30)}
+    tdbs = ["casme2"] * 10 + ["samm"] * 10 + ["smic"] * 10
+    p, w = stack(oof, y, test, ["a", "b"], 2, 0, True, (dbs, tdbs))
+    assert (p[:10].argmax(1) == 0).all() and (p[10:20].argmax(1) == 1).all()
+    assert np.allclose(p.sum(1), 1) and abs(sum(w.values()) - 1) < 1e-3
+    plain, _ = stack(oof, y, test, ["a", "b"], 2, 0, True)
+    assert np.abs(plain[:20, 0] - 0.5).max() < np.abs(p[:20, 0] - 0.5).min()
+
+
+def test_a_nested_fold_stacks_with_each_clips_database(subset):
+    cfg = _cfg(subset, "selection.mode=stack", "selection.stack_database=true")
+    cs, clips, plan, nested = _nested(cfg)
+    out = nested(0, plan.folds[0])
+    assert out.notes["stack_database"] is True
+    np.testing.assert_allclose(out.probs.sum(1), 1, atol=1e-6)
+    plain = _nested(_cfg(subset, "selection.mode=stack"))[3](0, plan.folds[0])
+    assert np.abs(out.probs - plain.probs).max() > 1e-6     # the database features were used

@@ -68,6 +68,9 @@ def check_selection(cfg: Config) -> None:
     if cfg.training.val_fraction:
         raise ConfigError("selection.mode needs training.val_fraction=0: the inner "
                           "cross-validation does the selecting, on all training subjects")
+    if s.stack_database and s.mode != "stack":
+        raise ConfigError("selection.stack_database=true needs selection.mode=stack (it gives "
+                          "the stacker each clip's database)")
     if s.inner_folds == 1 or s.inner_folds < 0:
         raise ConfigError("selection.inner_folds must be 0 (leave-one-subject-out) or >= 2")
     for c in candidate_configs(cfg).values():
@@ -86,6 +89,8 @@ class NestedFolds:
         self.candidates = candidate_configs(cfg)
         self.subject = dict(zip(table["sample_id"], table["group"].astype(str)))
         self.label = dict(zip(table["sample_id"], table["label"].astype(int)))
+        db = table["dataset"] if "dataset" in table else [""] * len(table)
+        self.database = dict(zip(table["sample_id"], np.asarray(db).astype(str)))
 
     def inner_plan(self, fold: Fold):
         ids = sorted(fold.train_ids + fold.val_ids)
@@ -141,28 +146,46 @@ class NestedFolds:
         probs, weights = best.probs, {ranked[0]: 1.0}
         if self.cfg.selection.mode == "stack":
             y = np.array([self.label[i] for i in ids])
+            dbs = None
+            if self.cfg.selection.stack_database:
+                dbs = ([self.database[i] for i in ids],
+                       [self.database[i] for i in best.test_ids])
             probs, weights = stack(oof, y, {n: o.probs for n, o in outs.items()}, members,
                                    self.num_classes, self.cfg.training.seed + k,
-                                   self.cfg.training.class_weighted)
+                                   self.cfg.training.class_weighted, dbs)
         notes = {"selected": ranked[0], "mode": self.cfg.selection.mode, "ranking": ranked,
                  "inner": {n: {m: round(v, 6) for m, v in s.items()} for n, s in inner.items()},
-                 "weights": weights, "inner_samples": len(ids)}
+                 "weights": weights, "inner_samples": len(ids),
+                 **({"stack_database": True} if self.cfg.selection.stack_database else {})}
         return replace(best, probs=probs, select_ids=sorted(ids), notes=notes,
                        fit=replace(best.fit, selected_on=f"nested:{ranked[0]}"))
 
 
 def stack(oof: dict, y: np.ndarray, test: dict, members: list[str], num_classes: int,
-          seed: int, balanced: bool = True) -> tuple[np.ndarray, dict]:
+          seed: int, balanced: bool = True,
+          databases: tuple[list, list] | None = None) -> tuple[np.ndarray, dict]:
     """Test probabilities from a logistic regression on the members' inner out-of-fold
     probabilities (log-probabilities as features), classes weighted by inverse frequency when
     `balanced` (`training.class_weighted`, as the members were: UF1 and UAR weigh every class
     alike, and an unweighted stacker drifts to the majority class); its weight per member is
-    the norm of the member's coefficients, for the record."""
+    the norm of the member's coefficients, for the record. With `databases` (the inner
+    samples' and the test samples' database names: `selection.stack_database`) a one-hot of the
+    database joins the features, so the stacker can learn each database's class balance from
+    the inner folds; a database no inner sample has gets all zeros."""
     from sklearn.linear_model import LogisticRegression
-    feats = lambda d: np.log(np.clip(np.hstack([d[n] for n in members]), 1e-6, 1))  # noqa: E731
+    names = sorted(set(databases[0])) if databases is not None else []
+
+    def feats(d, dbs=None):
+        f = np.log(np.clip(np.hstack([d[n] for n in members]), 1e-6, 1))
+        if dbs is None:
+            return f
+        return np.hstack([f, np.array([[float(b == n) for n in names] for b in dbs])
+                          .reshape(len(f), len(names))])
     clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed,
-                             class_weight="balanced" if balanced else None).fit(feats(oof), y)
+                             class_weight="balanced" if balanced else None).fit(
+        feats(oof, databases[0] if databases else None), y)
     p = np.zeros((len(next(iter(test.values()))), num_classes))
-    p[:, clf.classes_] = clf.predict_proba(feats(test))
-    coef = np.abs(clf.coef_).reshape(len(clf.coef_), len(members), -1).sum(axis=(0, 2))
+    p[:, clf.classes_] = clf.predict_proba(feats(test, databases[1] if databases else None))
+    coef = np.abs(clf.coef_[:, :clf.coef_.shape[1] - len(names)]).reshape(
+        len(clf.coef_), len(members), -1).sum(axis=(0, 2))
     return p, {n: round(float(w / coef.sum()), 4) for n, w in zip(members, coef)}
