@@ -63,15 +63,16 @@ def replicas(n, with_val, seed0=5):
     return out
 
 
-def serial(make_model, x, y, reps, cfg):
+def serial(make_model, x, y, reps, cfg, to_input=images_to_tensor):
+    """Each replica's serial fit: [(FitResult, test probabilities)]."""
     out = []
     for rep in reps:
         engine.set_seed(rep.seed)
         model = make_model()
         val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
         res = engine.fit(model, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3,
-                         images_to_tensor, None, seed=rep.seed)
-        probs = engine.predict_proba(model, x[rep.test_idx], images_to_tensor, cfg.batch_size,
+                         to_input, None, seed=rep.seed)
+        probs = engine.predict_proba(model, x[rep.test_idx], to_input, cfg.batch_size,
                                      torch.device("cpu"))
         out.append((res, probs))
     return out
@@ -153,13 +154,7 @@ def test_float64_is_exact(net, opt, with_val):
                early_stopping=1 if with_val else 0, class_weighted=False)
     got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
     worst = 0.0
-    for g, rep in zip(got, reps):
-        engine.set_seed(rep.seed)
-        m = make()
-        val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
-        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3, to_input,
-                         seed=rep.seed)
-        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+    for g, (res, p) in zip(got, serial(make, x, y, reps, cfg, to_input)):
         worst = max(worst, float(np.abs(g.probs - p).max()))
         assert g.best_epoch == res.best_epoch and len(g.history) == len(res.history)
     print(f"float64 {net} {opt}: max |p_batched - p_serial| = {worst:.3g}")
@@ -372,13 +367,7 @@ def test_recipes_batched_match_serial(recipe, dtype):
                   "class_weighted": dtype == "float32", **recipe})
     got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
     worst = 0.0
-    for g, rep in zip(got, reps):
-        engine.set_seed(rep.seed)
-        m = make()
-        val = (x[rep.val_idx], y[rep.val_idx]) if len(rep.val_idx) else None
-        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]), val, cfg, 3, to_input,
-                         seed=rep.seed)
-        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+    for g, (res, p) in zip(got, serial(make, x, y, reps, cfg, to_input)):
         worst = max(worst, float(np.abs(g.probs - p).max()))
         assert g.best_epoch == res.best_epoch and len(g.history) == len(res.history)
         for k in res.state:
@@ -441,11 +430,6 @@ def test_lstm_replicas_match_serial():
     reps = replicas(70, True)
     cfg = tcfg(epochs=3, early_stopping=1, class_weighted=False)
     got = fb.fit_batched(make, x, y, reps, cfg, 3, to_input, device="cpu")
-    for g, rep in zip(got, reps):
-        engine.set_seed(rep.seed)
-        m = make()
-        res = engine.fit(m, (x[rep.train_idx], y[rep.train_idx]),
-                         (x[rep.val_idx], y[rep.val_idx]), cfg, 3, to_input, seed=rep.seed)
-        p = engine.predict_proba(m, x[rep.test_idx], to_input, 8, torch.device("cpu"))
+    for g, (res, p) in zip(got, serial(make, x, y, reps, cfg, to_input)):
         assert g.best_epoch == res.best_epoch
         assert np.abs(g.probs - p).max() < 1e-10

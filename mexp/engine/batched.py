@@ -70,6 +70,13 @@ class ReplicaResult:
     probs: np.ndarray | None = None
 
 
+def _weighted_ce(out: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """nn.CrossEntropyLoss(weight)'s mean: sum(w * nll) / sum(w) (0 for an empty batch)."""
+    tot = w.sum()
+    return (F.cross_entropy(out, target, reduction="none") * w).sum() / torch.where(
+        tot > 0, tot, torch.ones_like(tot))
+
+
 def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per replica (leading axis) `new` where mask, else `old`."""
     return torch.where(mask.reshape((len(mask),) + (1,) * (old.dim() - 1)), new, old)
@@ -167,32 +174,23 @@ class Lockstep:
         self.best_p = {k: v.clone() for k, v in self.params.items()} if keep else None
         self.best_b = {k: v.clone() for k, v in self.buffers.items()} if keep else None
 
-    def _loss(self, p, fz, b, x, yb, sw, mask):
+    def _forward(self, p, fz, b, x, mask):
+        """One replica's logits and its BatchNorm running-stat updates (training mode)."""
         _CTX.mask, _CTX.updates = mask, {}
         try:
-            out = functional_call(self.base, (p, fz, b), (x,))
-            upd = _CTX.updates
+            return functional_call(self.base, (p, fz, b), (x,)), _CTX.updates
         finally:
             _CTX.mask, _CTX.updates = None, None
-        nll = F.cross_entropy(out, yb, reduction="none")
-        tot = sw.sum()
-        loss = (nll * sw).sum() / torch.where(tot > 0, tot, torch.ones_like(tot))
+
+    def _loss(self, p, fz, b, x, yb, sw, mask):
+        out, upd = self._forward(p, fz, b, x, mask)
+        loss = _weighted_ce(out, yb, sw)
         return loss, (loss.detach(), upd)
 
     def _mixed_loss(self, p, fz, b, x, yb, sw, yb2, sw2, lam, mask):
         """`recipes.mixed_loss` for one replica: x is already mixed; lam its Beta draw."""
-        _CTX.mask, _CTX.updates = mask, {}
-        try:
-            out = functional_call(self.base, (p, fz, b), (x,))
-            upd = _CTX.updates
-        finally:
-            _CTX.mask, _CTX.updates = None, None
-
-        def part(target, w):
-            tot = w.sum()
-            return (F.cross_entropy(out, target, reduction="none") * w).sum() / torch.where(
-                tot > 0, tot, torch.ones_like(tot))
-        loss = lam * part(yb, sw) + (1.0 - lam) * part(yb2, sw2)
+        out, upd = self._forward(p, fz, b, x, mask)
+        loss = lam * _weighted_ce(out, yb, sw) + (1.0 - lam) * _weighted_ce(out, yb2, sw2)
         return loss, (loss.detach(), upd)
 
     def _logits(self, p, fz, b, x, mask):
