@@ -62,6 +62,7 @@ def reuse_or_run(cfg: Config, stage: str, key: str, run: Callable[[], dict]) -> 
 
 
 def main(cfg: Config) -> dict:
+    train_lstm.check_config(cfg)            # stage 2's refusals before stage 1 runs
     ensure_data(cfg)
     configure(cfg)
     data_digest = load_dataset(cfg.data).digest

@@ -21,7 +21,7 @@ from mexp import cli
 from mexp.tracking.folds import cross_validate
 from mexp.tracking.repeats import run_repeats
 from mexp.tracking.summary import summary_line
-from mexp.config import Config
+from mexp.config import Config, ConfigError
 from mexp.engine.crossval import BlockFolds
 from mexp.engine.plans import FoldPlan
 from mexp.data.datasets import resolve_path
@@ -97,7 +97,20 @@ def make_fold_fn(cfg: Config, feats: Features, classes) -> BlockFolds:
                       features_to_tensor)
 
 
+def check_config(cfg: Config) -> None:
+    """What train_lstm refuses before any run: nested selection. Its inner folds would need
+    features from a stage-1 CNN that never saw each inner test subject, and stage 1 makes one
+    CNN per outer fold only."""
+    if cfg.selection.mode != "none":
+        raise ConfigError(
+            f"train_lstm cannot run nested selection (selection.mode={cfg.selection.mode}): "
+            "each inner fold would need features from a stage-1 CNN that never saw its inner "
+            "test subject; select end to end with train_cnn_lstm, or at stage 1 with "
+            "train_cnn, and set selection.mode=none here")
+
+
 def main(cfg: Config) -> dict:
+    check_config(cfg)
     if cfg.repeats > 1:
         return run_repeats(cfg, main, STAGE)
     start(cfg)

@@ -242,3 +242,17 @@ def test_train_lstm_folds_batched_as_one_by_one(cfg, tmp_path):
     diff = np.abs(got["on"][cols].to_numpy() - got["off"][cols].to_numpy()).max()
     assert diff < 1e-3, diff
     assert (got["on"]["fold"].to_numpy() == got["off"]["fold"].to_numpy()).all()
+
+
+def test_nested_selection_at_stage_two_is_refused_before_any_run(cfg):
+    """train_lstm (and the pipeline, before its stage 1) refuse `selection.mode`: the inner
+    folds would need stage-1 CNNs that never saw the inner test subjects."""
+    from mexp.config import ConfigError
+    cfg.training.val_fraction = 0.0
+    cfg.selection.mode, cfg.selection.candidates = "best", {"a": {"training.lr": 1e-3}}
+    client = MlflowClient()
+    for command in (train_lstm.main, pipeline.main):
+        with pytest.raises(ConfigError, match="train_lstm cannot run nested selection"):
+            command(cfg)
+    assert not [r for e in client.search_experiments() for r in
+                client.search_runs([e.experiment_id])]
