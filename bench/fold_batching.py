@@ -64,6 +64,17 @@ class GPUSampler(threading.Thread):
         return f"{sum(self.samples) / len(self.samples):.0f}% mean, {max(self.samples)}% peak"
 
 
+def measured(main, cfg) -> tuple[dict, float, float, str]:
+    """`main(cfg)`'s summary, wall and CPU seconds, and the GPU utilisation meanwhile."""
+    gpu = GPUSampler()
+    gpu.start()
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    out = main(cfg)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    gpu.stop.set()
+    return out, wall, cpu, gpu.summary()
+
+
 def run(path: str, seeds: int, extra: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -71,16 +82,11 @@ def run(path: str, seeds: int, extra: list[str]) -> dict:
     cfg = load_config(REPO / "configs/megc2019_flow.yaml", [
         f"data.root={shared_data_dir() / 'megc2019_flow28'}", f"repeats={seeds}",
         "output.local=false", *PATHS[path], *extra])
-    gpu = GPUSampler()
-    gpu.start()
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    out = train_cnn.main(cfg)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    gpu.stop.set()
+    out, wall, cpu, gpu = measured(train_cnn.main, cfg)
     first = out["repeats"][0]["run_id"] if seeds > 1 else out["run_id"]
     tag = MlflowClient().get_run(first).data.tags.get("mexp.fold_path", "?")
     return {"path": path, "wall": wall, "cpu": cpu, "tag": tag, "uf1": out["uf1"],
-            "uar": out["uar"], "gpu": gpu.summary(), "run": out["run_id"]}
+            "uar": out["uar"], "gpu": gpu, "run": out["run_id"]}
 
 
 def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
@@ -94,12 +100,7 @@ def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
     cfg = load_config(REPO / "configs/demo.yaml", synthetic_overrides(work) + [
         "training.cv_method=LOSO", "output.local=false", f"repeats={seeds}", *PATHS[path],
         *extra])
-    gpu = GPUSampler()
-    gpu.start()
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    out = pipeline.main(cfg)
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    gpu.stop.set()
+    out, wall, cpu, gpu = measured(pipeline.main, cfg)
     client, stages, tags = MlflowClient(), {}, []
     for stage in ("cnn", "features", "lstm"):
         info = client.get_run(out[f"{stage}_run_id"])
@@ -107,7 +108,7 @@ def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
         if stage != "features":
             tags.append(info.data.tags.get("mexp.fold_path", "?"))
     return {"path": path, "wall": wall, "cpu": cpu, "tag": " / ".join(tags), "uf1": out["uf1"],
-            "uar": out.get("uar", float("nan")), "gpu": gpu.summary(), "run": out["run_id"],
+            "uar": out.get("uar", float("nan")), "gpu": gpu, "run": out["run_id"],
             "stages": stages}
 
 

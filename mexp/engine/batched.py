@@ -291,14 +291,16 @@ class Lockstep:
                 total += torch.where(a, loss.double() * mk.sum(1).double(), 0.0)
         return total.cpu().numpy() / np.maximum([len(t) for t in self.tr], 1)
 
-    def _apply_bn(self, upd: dict, a: torch.Tensor) -> None:
-        """BatchNorm running-stat updates of the replicas that stepped (`a`)."""
+    def _apply_bn(self, upd: dict, a: torch.Tensor, buffers: dict | None = None) -> None:
+        """BatchNorm running-stat updates of the replicas that stepped (`a`), into `buffers`
+        (the live ones by default)."""
+        buffers = self.buffers if buffers is None else buffers
         for name, (rm, rv) in upd.items():
             for suffix, new in ((".running_mean", rm), (".running_var", rv)):
-                old = self.buffers[name + suffix]
+                old = buffers[name + suffix]
                 old.copy_(_where(a, new, old))
         for k in self.nbt_keys:
-            self.buffers[k].add_(a.to(self.buffers[k].dtype))
+            buffers[k].add_(a.to(buffers[k].dtype))
 
     @torch.no_grad()
     def _average(self, a: torch.Tensor, decay: float | None) -> None:
@@ -357,12 +359,7 @@ class Lockstep:
                 mt = torch.as_tensor(mask, device=self.dev).float() * a[:, None]
                 upd = pass_fn(self.avg_p, self.frozen, self.avg_b,
                               self.Xd[torch.as_tensor(idx, device=self.dev)], mt)
-                for name, (rm, rv) in upd.items():
-                    for suffix, new in ((".running_mean", rm), (".running_var", rv)):
-                        old = self.avg_b[name + suffix]
-                        old.copy_(_where(a, new, old))
-                for k in self.nbt_keys:
-                    self.avg_b[k].add_(a.to(self.avg_b[k].dtype))
+                self._apply_bn(upd, a, self.avg_b)
         finally:
             for m, mom in zip(bns, moments):
                 m.momentum = mom
