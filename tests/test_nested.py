@@ -171,3 +171,50 @@ def test_a_nested_fold_stacks_with_each_clips_database(subset):
     np.testing.assert_allclose(out.probs.sum(1), 1, atol=1e-6)
     plain = _nested(_cfg(subset, "selection.mode=stack"))[3](0, plan.folds[0])
     assert np.abs(out.probs - plain.probs).max() > 1e-6     # the database features were used
+
+
+def test_outer_and_inner_folds_train_as_one_vectorised_model_per_candidate(subset, monkeypatch,
+                                                                          tmp_path):
+    """With fold batching, `prepare` trains every outer fold's inner folds and refit of a net
+    candidate in one `fit_batched` call (#15 / #16: outer x inner together), and each outer
+    fold's output equals the one-outer-fold-at-a-time path (inner folds batched per outer
+    fold, refit serial) up to float32 noise; the closed-form member's folds are fitted in
+    worker processes meanwhile; the stage run says which path it took."""
+    from mexp.engine import batched, batching
+    calls = []
+    real = batched.fit_batched
+
+    def counted(*a, **k):
+        calls.append(len(a[3]))
+        return real(*a, **k)
+    monkeypatch.setattr(batching, "fit_batched", counted)
+    cfg = _cfg(subset, "selection.candidates={net: {model.name: ststnet}, lr: {model.name: logreg}}",
+               "selection.mode=stack", "training.epochs=2", "data.augmentation=false",
+               "model.dropout=0", "training.fold_batching=on")
+    _, _, plan, nested = _nested(cfg)
+    todo = list(enumerate(plan.folds))[:2]
+    assert nested.prepare(todo, cpu_workers=2) == "net"
+    inner = [len(nested.inner_plan(f).folds) for _, f in todo]
+    assert calls == [sum(inner) + len(todo)]          # one model: inner folds and refits
+    assert sorted({key[0] for key in nested.ready}) == ["lr", "net"]   # lr: 2 CPU processes
+    assert len(nested.ready) == 2 * (sum(inner) + len(todo))
+    prepared = [nested(k, f) for k, f in todo]
+    assert nested.ready == {}                         # every prepared output was used once
+    _, _, _, plain = _nested(cfg)
+    for (k, f), a in zip(todo, prepared):
+        b = plain(k, f)
+        assert a.notes["ranking"] == b.notes["ranking"] and a.notes["inner_samples"] == b.notes[
+            "inner_samples"]
+        for n in ("net", "lr"):
+            for m in ("uf1", "uar"):
+                assert abs(a.notes["inner"][n][m] - b.notes["inner"][n][m]) < 1e-9
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-3)
+        assert a.fit.state.keys() == b.fit.state.keys()
+    with store_at(tmp_path):
+        from mlflow.tracking import MlflowClient
+        s = train_cnn.main(cfg)
+        tags = MlflowClient().get_run(s["run_id"]).data.tags
+        assert tags["mexp.fold_path"] == "nested, batched on cpu"
+        assert "candidates net" in tags["mexp.fold_path_why"]
+        report, bad = evaluation.evaluate(s["run_id"])
+        assert bad == [] and report["pooled"]["n"] == s["n"]

@@ -91,6 +91,7 @@ class NestedFolds:
         self.label = dict(zip(table["sample_id"], table["label"].astype(int)))
         db = table["dataset"] if "dataset" in table else [""] * len(table)
         self.database = dict(zip(table["sample_id"], np.asarray(db).astype(str)))
+        self.ready: dict[tuple, FoldOutput] = {}      # `prepare`d outputs, read once
 
     def inner_plan(self, fold: Fold):
         ids = sorted(fold.train_ids + fold.val_ids)
@@ -105,12 +106,71 @@ class NestedFolds:
             raise FoldPlanError(f"fold {fold.name}: the inner plan reached the test subject")
         return plan
 
+    @staticmethod
+    def refit_fold(fold: Fold) -> Fold:
+        """The outer fold as the chosen candidates are refitted on it: all its training
+        subjects (validation ones included), its test subject."""
+        return replace(fold, train_ids=sorted(fold.train_ids + fold.val_ids), val_ids=[],
+                       train_subjects=sorted(fold.train_subjects + fold.val_subjects),
+                       val_subjects=[])
+
+    def prepare(self, todo: list, cpu_workers: int = 1) -> str:
+        """Before the outer folds `todo` ((k, fold), ...) run one by one: each candidate that
+        fold batching trains (`training.fold_batching`, `mexp.engine.batching.choose`) trains
+        the inner folds and the refit of every outer fold at once, outer x inner folds as one
+        vectorised model (#15; seeds as the serial path: inner fold j gets seed + j, the refit
+        of outer fold k seed + k); `__call__` then reads their outputs. Once one is batched,
+        the closed-form candidates (scikit-learn members) fit their folds meanwhile-idle CPU
+        cores: `cpu_workers` processes. Inner folds keep only their probabilities. Returns
+        which candidates were batched (for the run's tag)."""
+        from mexp.engine.batching import batched_outputs, choose
+        from mexp.engine.pool import fold_outputs
+        from mexp.engine.training import resolve_device
+        jobs = [(j, f, False) for k, fold in todo
+                for j, f in enumerate(self.inner_plan(fold).folds)]
+        jobs += [(k, self.refit_fold(fold), True) for k, fold in todo]
+        batched, closed = [], []
+        for name, c in self.candidates.items():
+            fn, device = self.make_fold_fn(c), resolve_device(c.training.device)
+            if choose(c.training.fold_batching, fn, device)[0]:
+                outs = batched_outputs(fn, [(j, f) for j, f, _ in jobs], device,
+                                       other_seeds=False)
+                self._keep(name, jobs, outs)
+                batched.append(name)
+            elif hasattr(getattr(fn, "make_model", lambda: None)(), "fit_numpy"):
+                closed.append((name, fn))
+        if batched and cpu_workers > 1:
+            for name, fn in closed:
+                self._keep(name, jobs, fold_outputs(fn, [(j, f) for j, f, _ in jobs],
+                                                    cpu_workers))
+        return ", ".join(batched)
+
+    def _keep(self, name: str, jobs: list, outs) -> None:
+        for (j, f, refit), (_, _, out) in zip(jobs, outs):
+            if not refit:                       # an inner fold: only its probabilities count
+                out = replace(out, fit=replace(out.fit, state={}))
+            self.ready[self._ready_key(name, j, f)] = out
+
+    @staticmethod
+    def _ready_key(name: str, k: int, fold: Fold) -> tuple:
+        return (name, k, fold.name, tuple(fold.train_ids), tuple(fold.val_ids),
+                tuple(fold.test_ids))
+
+    def _output(self, name: str, fn, k: int, fold: Fold) -> FoldOutput:
+        """Candidate `name`'s output for (k, fold): prepared in a batch, or trained now."""
+        out = self.ready.pop(self._ready_key(name, k, fold), None)
+        return out if out is not None else fn(k, fold)
+
     def inner_scores(self, fold: Fold) -> tuple[dict, dict, list[str]]:
         """Per candidate: pooled inner scores, and out-of-fold probabilities over `ids`."""
         plan, oof, ids = self.inner_plan(fold), {}, None
         for name, c in self.candidates.items():
-            fn, got = self.make_fold_fn(c), {}
-            for _, _, out in self.inner_outputs(fn, c, list(enumerate(plan.folds))):
+            fn, got, todo = self.make_fold_fn(c), {}, list(enumerate(plan.folds))
+            if all(self._ready_key(name, j, f) in self.ready for j, f in todo):
+                outs = ((j, f, self._output(name, fn, j, f)) for j, f in todo)
+            else:
+                outs = self.inner_outputs(fn, c, todo)
+            for _, _, out in outs:
                 got.update(zip(out.test_ids, out.probs))
             ids = ids or sorted(got)
             oof[name] = np.stack([got[i] for i in ids])
@@ -137,11 +197,12 @@ class NestedFolds:
     def __call__(self, k: int, fold: Fold) -> FoldOutput:
         inner, oof, ids = self.inner_scores(fold)
         ranked = self.ranked(inner)
-        outer = replace(fold, train_ids=sorted(fold.train_ids + fold.val_ids), val_ids=[],
-                        train_subjects=sorted(fold.train_subjects + fold.val_subjects),
-                        val_subjects=[])
+        outer = self.refit_fold(fold)
         members = ranked[:1] if self.cfg.selection.mode == "best" else ranked
-        outs = {n: self.make_fold_fn(self.candidates[n])(k, outer) for n in members}
+        outs = {n: self._output(n, self.make_fold_fn(self.candidates[n]), k, outer)
+                for n in members}
+        for n in set(self.candidates) - set(members):     # prepared refits not chosen
+            self.ready.pop(self._ready_key(n, k, outer), None)
         best = outs[ranked[0]]
         probs, weights = best.probs, {ranked[0]: 1.0}
         if self.cfg.selection.mode == "stack":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,6 +165,14 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     batched, why = choose(batching, fold_fn, dev)
     path = f"batched on {dev.type}" if batched else (f"{workers} fold processes" if workers > 1
                                                      else "serial")
+    if hasattr(fold_fn, "prepare") and workers <= 1 and not oracle:
+        todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
+        cpus = (os.cpu_count() or 1) if dev.type == "cuda" else 1   # idle beside the GPU
+        names = fold_fn.prepare(todo, cpus)  # nested: outer x inner folds as one model
+        if names:
+            path, why = f"nested, batched on {dev.type}", (
+                f"candidates {names}: every outer fold's inner folds and refit as one "
+                f"vectorised model per candidate")
     mlflow.set_tags({T + "fold_path": path, T + "fold_path_why": why})
     log.info("folds: %s (%s)", path, why)
     results = run_plan(plan, table, len(classes), fold_fn, FoldLogger(parent, stage, classes, out_dir),
