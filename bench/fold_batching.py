@@ -4,12 +4,15 @@
                                   [--device auto] [--workdir /tmp/mexp-fold-batching]
 
 Each path is one full 68-subject LOSO run of `configs/megc2019_flow.yaml` (STSTNet, 40
-epochs, AdamW, class-weighted, flip/shift augmentation) with `repeats=--seeds`:
+epochs, AdamW, class-weighted, flip/shift augmentation; `--config` another, e.g.
+`configs/megc2019_nested.yaml`) with `repeats=--seeds`:
 - serial: `training.fold_workers=1 training.fold_batching=off` (one fold after another),
 - pool: `training.fold_workers=0 training.fold_batching=off` (one 1-thread process per core),
 - batched: `training.fold_batching=on` (all 68 folds as one vectorised model).
 Prints wall time, process CPU time, the run's `mexp.fold_path` tag and the 3-seed mean (or the
-one seed's) UF1/UAR, and on CUDA the GPU utilisation sampled by nvidia-ml-py during the run.
+one seed's) UF1/UAR, on CUDA the GPU utilisation sampled by nvidia-ml-py during the run, and
+where the time went (`phases`: vectorised training, nested preparation, waiting for the fold
+runs' logging, the rest).
 Data: `$MEXP_DATA/megc2019_flow28` (default ../shared/data).
 
     python bench/fold_batching.py --workload demo [--paths ...] [--epochs 15] [--seeds 1]
@@ -64,29 +67,74 @@ class GPUSampler(threading.Thread):
         return f"{sum(self.samples) / len(self.samples):.0f}% mean, {max(self.samples)}% peak"
 
 
-def measured(main, cfg) -> tuple[dict, float, float, str]:
-    """`main(cfg)`'s summary, wall and CPU seconds, and the GPU utilisation meanwhile."""
+class Phases:
+    """Where a run's wall time went: vectorised training (`fit_batched`, the device synchronised
+    at its end), nested selection's `prepare` (batched nets and the closed-form members' worker
+    processes), and waiting for the fold runs to be logged after the loop (`FoldLogger.drain`);
+    the rest is start-up, data, serial training, the pooled metrics and plots."""
+
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    def __enter__(self):
+        from mexp.engine import batching, nested
+        from mexp.tracking import folds
+        self.patched = [(batching, "fit_batched"), (nested.NestedFolds, "prepare"),
+                        (folds.FoldLogger, "drain")]
+        self.saved = [getattr(o, n) for o, n in self.patched]
+        for (o, n), f in zip(self.patched, self.saved):
+            setattr(o, n, self.timed({"fit_batched": "train", "prepare": "prepare",
+                                      "drain": "log wait"}[n], f))
+        return self
+
+    def timed(self, key, f):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                import torch
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                self.t[key] = self.t.get(key, 0.0) + dt
+                print(f"phase {key}: {dt:.1f} s", flush=True)
+        return wrapper
+
+    def __exit__(self, *exc):
+        for (o, n), f in zip(self.patched, self.saved):
+            setattr(o, n, f)
+
+    def line(self, wall: float) -> str:
+        rest = wall - sum(v for k, v in self.t.items() if k != "train" or "prepare" not in self.t)
+        return ", ".join(f"{k} {v:.1f} s" for k, v in self.t.items()) + f", rest {rest:.1f} s"
+
+
+def measured(main, cfg) -> tuple[dict, float, float, str, str]:
+    """`main(cfg)`'s summary, wall and CPU seconds, the GPU utilisation meanwhile and where
+    the time went (`Phases`)."""
     gpu = GPUSampler()
     gpu.start()
     c0, t0 = cpu_seconds(), time.perf_counter()
-    out = main(cfg)
+    with Phases() as ph:
+        out = main(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     gpu.stop.set()
-    return out, wall, cpu, gpu.summary()
+    return out, wall, cpu, gpu.summary(), ph.line(wall)
 
 
-def run(path: str, seeds: int, extra: list[str]) -> dict:
+def run(path: str, seeds: int, extra: list[str], config: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from mexp import train_cnn
-    cfg = load_config(REPO / "configs/megc2019_flow.yaml", [
+    cfg = load_config(REPO / config, [
         f"data.root={shared_data_dir() / 'megc2019_flow28'}", f"repeats={seeds}",
         "output.local=false", *PATHS[path], *extra])
-    out, wall, cpu, gpu = measured(train_cnn.main, cfg)
+    out, wall, cpu, gpu, phases = measured(train_cnn.main, cfg)
     first = out["repeats"][0]["run_id"] if seeds > 1 else out["run_id"]
     tag = MlflowClient().get_run(first).data.tags.get("mexp.fold_path", "?")
     return {"path": path, "wall": wall, "cpu": cpu, "tag": tag, "uf1": out["uf1"],
-            "uar": out["uar"], "gpu": gpu, "run": out["run_id"]}
+            "uar": out["uar"], "gpu": gpu, "run": out["run_id"], "phases": phases}
 
 
 def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
@@ -100,7 +148,7 @@ def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
     cfg = load_config(REPO / "configs/demo.yaml", synthetic_overrides(work) + [
         "training.cv_method=LOSO", "output.local=false", f"repeats={seeds}", *PATHS[path],
         *extra])
-    out, wall, cpu, gpu = measured(pipeline.main, cfg)
+    out, wall, cpu, gpu, phases = measured(pipeline.main, cfg)
     client, stages, tags = MlflowClient(), {}, []
     for stage in ("cnn", "features", "lstm"):
         info = client.get_run(out[f"{stage}_run_id"])
@@ -109,13 +157,16 @@ def run_demo(path: str, seeds: int, extra: list[str], work) -> dict:
             tags.append(info.data.tags.get("mexp.fold_path", "?"))
     return {"path": path, "wall": wall, "cpu": cpu, "tag": " / ".join(tags), "uf1": out["uf1"],
             "uar": out.get("uar", float("nan")), "gpu": gpu, "run": out["run_id"],
-            "stages": stages}
+            "stages": stages, "phases": phases}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", choices=("megc", "demo"), default="megc")
     ap.add_argument("--paths", default="serial,pool,batched")
+    ap.add_argument("--config", default="configs/megc2019_flow.yaml",
+                    help="the MEGC2019 workload's config (configs/megc2019_nested.yaml: nested "
+                         "selection, where batched trains outer x inner folds per candidate)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -133,9 +184,10 @@ def main() -> None:
     rows = []
     for path in args.paths.split(","):
         r = run_demo(path, args.seeds, extra, work) if args.workload == "demo" else \
-            run(path, args.seeds, extra)
+            run(path, args.seeds, extra, args.config)
         if "stages" in r:
             print("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages"].items()))
+        print(f"phases {path}: {r['phases']}")
         rows.append(r)
         print(f"RESULT {path}: {r['wall']:.1f} s wall, {r['cpu']:.0f} s CPU, UF1 {r['uf1']:.4f} "
               f"UAR {r['uar']:.4f}, {r['tag']}, GPU {r['gpu']}, run {r['run']}", flush=True)

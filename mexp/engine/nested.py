@@ -120,30 +120,47 @@ class NestedFolds:
         the inner folds and the refit of every outer fold at once, outer x inner folds as one
         vectorised model (#15; seeds as the serial path: inner fold j gets seed + j, the refit
         of outer fold k seed + k); `__call__` then reads their outputs. Once one is batched,
-        the closed-form candidates (scikit-learn members) fit their folds meanwhile-idle CPU
-        cores: `cpu_workers` processes. Inner folds keep only their probabilities. Returns
-        which candidates were batched (for the run's tag)."""
+        the closed-form candidates (scikit-learn members) fit their folds meanwhile, beside the
+        device's training, in `cpu_workers` processes (when > 1). Inner folds keep only their
+        probabilities. Returns which candidates were batched (for the run's tag)."""
+        import threading
+
         from mexp.engine.batching import batched_outputs, choose
         from mexp.engine.pool import fold_outputs
         from mexp.engine.training import resolve_device
         jobs = [(j, f, False) for k, fold in todo
                 for j, f in enumerate(self.inner_plan(fold).folds)]
         jobs += [(k, self.refit_fold(fold), True) for k, fold in todo]
-        batched, closed = [], []
+        todo_jobs = [(j, f) for j, f, _ in jobs]
+        nets, closed = [], []
         for name, c in self.candidates.items():
             fn, device = self.make_fold_fn(c), resolve_device(c.training.device)
             if choose(c.training.fold_batching, fn, device)[0]:
-                outs = batched_outputs(fn, [(j, f) for j, f, _ in jobs], device,
-                                       other_seeds=False)
-                self._keep(name, jobs, outs)
-                batched.append(name)
+                nets.append((name, fn, device))
             elif hasattr(getattr(fn, "make_model", lambda: None)(), "fit_numpy"):
                 closed.append((name, fn))
-        if batched and cpu_workers > 1:
-            for name, fn in closed:
-                self._keep(name, jobs, fold_outputs(fn, [(j, f) for j, f, _ in jobs],
-                                                    cpu_workers))
-        return ", ".join(batched)
+        if not nets:
+            return ""
+        got, failed = {}, []
+
+        def fit_closed():                   # beside the device's training, in processes
+            try:
+                for name, fn in closed:
+                    got[name] = list(fold_outputs(fn, todo_jobs, cpu_workers))
+            except BaseException as e:      # re-raised below, in the caller's thread
+                failed.append(e)
+        worker = threading.Thread(target=fit_closed, daemon=True)
+        if cpu_workers > 1 and closed:
+            worker.start()
+        for name, fn, device in nets:
+            self._keep(name, jobs, batched_outputs(fn, todo_jobs, device, other_seeds=False))
+        if worker.ident is not None:        # started
+            worker.join()
+        if failed:
+            raise failed[0]
+        for name, outs in got.items():
+            self._keep(name, jobs, outs)
+        return ", ".join(n for n, _, _ in nets)
 
     def _keep(self, name: str, jobs: list, outs) -> None:
         for (j, f, refit), (_, _, out) in zip(jobs, outs):

@@ -167,7 +167,9 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
                                                      else "serial")
     if hasattr(fold_fn, "prepare") and workers <= 1 and not oracle:
         todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
-        cpus = (os.cpu_count() or 1) if dev.type == "cuda" else 1   # idle beside the GPU
+        # the CPU cores are idle beside the GPU: closed-form members fit there meanwhile,
+        # leaving two for the process that drives the device
+        cpus = max(1, (os.cpu_count() or 1) - 2) if dev.type == "cuda" else 1
         names = fold_fn.prepare(todo, cpus)  # nested: outer x inner folds as one model
         if names:
             path, why = f"nested, batched on {dev.type}", (
