@@ -70,10 +70,20 @@ def _key(base: str, seed: int, k: int, fold) -> tuple:
             tuple(fold.test_ids))
 
 
-def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
+def replicas_per_chunk(params: int) -> int:
+    """How many replicas train as one vectorised model: up to 2^26 stacked parameters (with
+    AdamW's two moments and the gradients ~1 GiB in float32), between 16 and 1024. On the
+    H100 one chunk's step cost hardly grows with its replicas (MEGC2019 nested selection:
+    256 replicas 28.5 s, the other 152 22.9 s; BENCHMARKS.md), so small models (STSTNet, 1.7K
+    parameters) train every fold of a nested run in one chunk."""
+    return int(min(1024, max(16, 2 ** 26 // max(params, 1))))
+
+
+def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int | None = None,
                     other_seeds: bool = True):
     """Yield `(k, fold, FoldOutput)` for every `(k, fold)` of `todo`, in order, training up
-    to `chunk` replicas at a time as one vectorised model (fold k of seed s gets seed s + k,
+    to `chunk` replicas (default `replicas_per_chunk`) at a time as one vectorised model
+    (fold k of seed s gets seed s + k,
     as the serial fold recipe). Inside `seed_batch` (and with `other_seeds`), the other
     seeds' replicas of these folds train alongside and are kept for their repeats. Each
     fold's arrays pass the same leak check first."""
@@ -87,6 +97,8 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int = 256,
         tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
         oracle = bool(set(fold.val_ids) & set(fold.test_ids))
         assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
+    if chunk is None:
+        chunk = replicas_per_chunk(sum(p.numel() for p in f.make_model().parameters()))
     trained = _train(f, jobs, device, chunk, base)
     mine = [_key(base, seed, k, fold) for k, fold in todo]
     try:

@@ -138,7 +138,9 @@ class NestedFolds:
             if choose(c.training.fold_batching, fn, device)[0]:
                 nets.append((name, fn, device))
             elif hasattr(getattr(fn, "make_model", lambda: None)(), "fit_numpy"):
-                closed.append((name, fn))
+                on_cpu = copy.deepcopy(c)       # scikit-learn fits on the CPU anyway; its
+                on_cpu.training.device = "cpu"  # workers then never open a CUDA context
+                closed.append((name, self.make_fold_fn(on_cpu)))
         if not nets:
             return ""
         got, failed = {}, []
