@@ -143,6 +143,7 @@ class HPOConfig:
     heartbeat_interval: int = _neutral(60)   # seconds between a running trial's heartbeats
     grace_period: int = _neutral(0)  # silence after which a trial's worker is dead; 0: 2 x heartbeat
     max_failures: int = _neutral(0)  # a worker stops after this many failed trials; 0: hpo.trials
+    trial_batch: int = _neutral(1)   # trials sampled and trained together (fold batching)
     seed: int = 0
 
 
@@ -275,8 +276,9 @@ def _check_numbers(flat: dict) -> None:
         raise ConfigError("config key 'hpo.grace_period' must be 0 or more than "
                           f"hpo.heartbeat_interval ({flat['hpo.heartbeat_interval']}), "
                           f"got {flat['hpo.grace_period']}")
-    if flat["hpo.n_workers"] < 1 or flat["repeats"] < 1:
-        bad = "hpo.n_workers" if flat["hpo.n_workers"] < 1 else "repeats"
+    for bad in ("hpo.n_workers", "hpo.trial_batch", "repeats"):
+        if flat[bad] >= 1:
+            continue
         raise ConfigError(f"config key '{bad}' must be >= 1, got {flat[bad]}")
 
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 
 import mlflow
 import optuna
@@ -89,12 +92,85 @@ def work(study, cfg: Config, parent_id: str) -> None:
         if done + flying >= n:                  # the last slots are in flight: wait on them
             time.sleep(min(5.0, interval))
             continue
+        if cfg.hpo.trial_batch > 1:
+            run_group(study, cfg, parent_id, min(cfg.hpo.trial_batch, n - done - flying))
+            continue
         last.clear()
         try:
             study.optimize(func, n_trials=1, catch=(Exception,), gc_after_trial=True)
         except ValueError as e:
             if not _lost_trial(study, last.get("number"), e):
                 raise
+
+
+def run_group(study, cfg: Config, parent_id: str, size: int) -> None:
+    """`hpo.trial_batch`: ask up to `size` trials (each admitted against the quota as one
+    trial is), sample all their parameters first, then run them one after another inside
+    `mexp.engine.batching.trial_group`: where the stage batches its folds, the first trial
+    trains every trial's replicas whose configs differ only in learning rate, weight decay or
+    class weighting as one vectorised model, and the others log what was kept for them. Each
+    trial keeps its own nested run, pruning (which then saves logging, not training) and
+    error; heartbeats go on for every trial of the group until it is told."""
+    from mexp.engine.batching import trial_group
+    trials = []
+    for _ in range(size):
+        with warnings.catch_warnings():     # "heartbeat ... with Study.optimize": `heartbeats`
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            t = study.ask()
+        t.set_user_attr(WORKER, worker_name())
+        ok, ahead = admit(study, t, cfg.hpo.trials)
+        if not ok:
+            t.set_user_attr(SKIPPED, f"quota met: {ahead} trial(s) done or in flight")
+            study.tell(t, state=TrialState.FAIL)
+            break
+        t.set_user_attr(ADMITTED, True)
+        trials.append(t)
+    params = [{k: suggest(t, k, spec) for k, spec in cfg.hpo.space.items()} for t in trials]
+    with heartbeats(study, trials), trial_group([trial_config(cfg, p) for p in params]):
+        for t, p in zip(trials, params):
+            try:
+                value, state = train_trial(t, cfg, parent_id, p), None
+            except optuna.TrialPruned:
+                value, state = None, TrialState.PRUNED
+            except Exception as e:
+                msg = redact(f"{type(e).__name__}: {e}")
+                t.set_user_attr(ERROR, msg[:2000])
+                log.warning("trial %d failed: %s", t.number, msg)
+                value, state = None, TrialState.FAIL
+            try:
+                study.tell(t, value, state=state)
+            except ValueError as e:
+                if not _lost_trial(study, t.number, e):
+                    raise
+
+
+@contextmanager
+def heartbeats(study, trials: list):
+    """Record each trial's heartbeat every `heartbeat_interval` while the group runs, as
+    Optuna's `optimize` does for its one trial (RDBStorage.record_heartbeat), so other workers
+    do not fail the trials waiting their turn as dead."""
+    storage = study._storage            # the study's RDBStorage (Optuna keeps it private)
+    interval = storage.get_heartbeat_interval() if hasattr(
+        storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            for t in trials:
+                if storage.get_trial(t._trial_id).state == TrialState.RUNNING:
+                    storage.record_heartbeat(t._trial_id)
+            if stop.wait(interval):
+                return
+    thread = threading.Thread(target=beat, daemon=True, name="hpo-heartbeats")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def trial_config(cfg: Config, params: dict) -> Config:
@@ -127,9 +203,12 @@ def objective(trial: optuna.Trial, cfg: Config, parent_id: str) -> float:
         raise
 
 
-def train_trial(trial: optuna.Trial, cfg: Config, parent_id: str) -> float:
-    """Train the stage with the trial's params inside the trial's own nested run."""
-    params = {k: suggest(trial, k, spec) for k, spec in cfg.hpo.space.items()}
+def train_trial(trial: optuna.Trial, cfg: Config, parent_id: str,
+                params: dict | None = None) -> float:
+    """Train the stage with the trial's params (sampled now unless given) inside the trial's
+    own nested run."""
+    if params is None:
+        params = {k: suggest(trial, k, spec) for k, spec in cfg.hpo.space.items()}
     tcfg, metric = trial_config(cfg, params), cfg.hpo.metric
     run = mlflow.start_run(run_name=f"trial-{trial.number:03d}", parent_run_id=parent_id,
                            nested=mlflow.active_run() is not None,

@@ -3,6 +3,7 @@ vectorised model (`choose`, for `training.fold_batching`), and the fold outputs 
 run (`batched_outputs`), which `mexp.engine.crossval.run_plan` logs like any other."""
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -54,7 +55,54 @@ def seed_batch(seeds):
         _KEPT.clear()
 
 
+@contextmanager
+def trial_group(configs):
+    """Within: a batched cross-validation also trains the replicas of the same folds for the
+    other `configs` (a group of HPO trials, `hpo.trial_batch`) that differ from its own only in
+    per-replica hyperparameters (`PER_REPLICA`: learning rate, weight decay, class weighting),
+    in the same vectorised model, and keeps their outputs until those trials' stages ask for
+    them. Each replica's seed is its fold's, as when its trial trains alone; a trial whose
+    config differs in anything else trains its own model when its turn comes."""
+    token = _GROUP.set(tuple(configs))
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
+        _KEPT.clear()
+
+
+PER_REPLICA = ("lr", "weight_decay", "class_weighted")     # training.* keys a Replica carries
+
+
+def _hyper(cfg) -> dict:
+    return {k: getattr(cfg.training, k) for k in PER_REPLICA}
+
+
+def _group_members(cfg) -> list[tuple[str, dict]]:
+    """(config key, per-replica hyperparameters) of each trial-group config that trains with
+    `cfg`'s folds: the same config but for `PER_REPLICA` (compared on what `cfg` would be with
+    their values, so a stage's own changes to its config carry over)."""
+    own, out = _config_key(cfg), []
+    for g in _GROUP.get():
+        hp = _hyper(g)
+        probe = copy.deepcopy(cfg)
+        for k, v in hp.items():
+            setattr(probe.training, k, v)
+        if _strip(probe) == _strip(g) and _config_key(probe) != own:
+            out.append((_config_key(probe), hp))
+    return out
+
+
+def _strip(cfg) -> str:
+    """The config without the per-replica hyperparameters, its seed or where outputs go."""
+    d = cfg.to_dict()
+    d["training"] = {k: v for k, v in d["training"].items() if k not in PER_REPLICA + ("seed",)}
+    d.pop("output", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 _SEEDS: ContextVar[tuple] = ContextVar("mexp_seed_batch", default=())
+_GROUP: ContextVar[tuple] = ContextVar("mexp_trial_group", default=())
 _KEPT: dict = {}            # (config without its seed, seed, k, fold ids) -> FoldOutput
 
 
@@ -83,23 +131,24 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int | None
                     other_seeds: bool = True):
     """Yield `(k, fold, FoldOutput)` for every `(k, fold)` of `todo`, in order, training up
     to `chunk` replicas (default `replicas_per_chunk`) at a time as one vectorised model
-    (fold k of seed s gets seed s + k,
-    as the serial fold recipe). Inside `seed_batch` (and with `other_seeds`), the other
-    seeds' replicas of these folds train alongside and are kept for their repeats. Each
-    fold's arrays pass the same leak check first."""
+    (fold k of seed s gets seed s + k, as the serial fold recipe). Inside `seed_batch` (and
+    with `other_seeds`), the other seeds' replicas of these folds train alongside and are kept
+    for their repeats; inside `trial_group`, so do the other trials' replicas. Each fold's
+    arrays pass the same leak check first."""
     from mexp.engine.crossval import assert_rows_apart
     cfg, f = fold_fn.cfg, fold_fn
     seed, base = cfg.training.seed, _config_key(cfg)
     extra = [s for s in _SEEDS.get() if s != seed] if other_seeds else []
-    jobs = [(s, k, fold) for s in [seed] + extra for k, fold in todo
-            if _key(base, s, k, fold) not in _KEPT]
+    configs = [(base, {})] + (_group_members(cfg) if other_seeds else [])
+    jobs = [(b, hp, s, k, fold) for b, hp in configs for s in [seed] + extra for k, fold in todo
+            if _key(b, s, k, fold) not in _KEPT]
     for k, fold in todo:                   # the leak check, before anything trains
         tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
         oracle = bool(set(fold.val_ids) & set(fold.test_ids))
         assert_rows_apart(fold, f.x[te], f.x[tr], None if oracle else f.x[va])
     if chunk is None:
         chunk = replicas_per_chunk(sum(p.numel() for p in f.make_model().parameters()))
-    trained = _train(f, jobs, device, chunk, base)
+    trained = _train(f, jobs, device, chunk)
     mine = [_key(base, seed, k, fold) for k, fold in todo]
     try:
         for (k, fold), key in zip(todo, mine):
@@ -113,9 +162,9 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int | None
             _KEPT.pop(key, None)
 
 
-def _train(f, jobs: list, device, chunk: int, base: str):
-    """Train `jobs` ((seed, k, fold), ...) chunk by chunk, keeping each output in `_KEPT`;
-    yields after each chunk."""
+def _train(f, jobs: list, device, chunk: int):
+    """Train `jobs` ((config key, per-replica hyperparameters, seed, k, fold), ...) chunk by
+    chunk, keeping each output in `_KEPT`; yields after each chunk."""
     from mexp.engine.crossval import FoldOutput
     from mexp.engine.training import FitResult
     from mexp.util.progress import progress
@@ -123,21 +172,22 @@ def _train(f, jobs: list, device, chunk: int, base: str):
     for start in range(0, len(jobs), chunk):
         part = jobs[start:start + chunk]
         reps = []
-        for s, k, fold in part:
+        for _, hp, s, k, fold in part:
             tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
-            reps.append(Replica(tr, va, te, seed=s + k, name=fold.name))
-        seeds = len({s for s, _, _ in part})
+            reps.append(Replica(tr, va, te, seed=s + k, name=fold.name, **hp))
+        seeds, trials = len({j[2] for j in part}), len({j[0] for j in part})
         bar = progress(total=f.cfg.training.epochs, unit="ep", leave=False,
                        desc=f"{len(part)} folds batched" + (f" ({seeds} seeds)" if seeds > 1
-                                                            else ""))
+                                                            else "")
+                       + (f" ({trials} trials)" if trials > 1 else ""))
         results = fit_batched(f.make_model, f.x, f.y, reps, f.cfg.training, num_classes,
                               f.to_input, f.augment_kind or None, device,
                               on_epoch=lambda e: bar.update(1))
         bar.close()
-        for (s, k, fold), rep, res in zip(part, reps, results):
+        for (b, _, s, k, fold), rep, res in zip(part, reps, results):
             fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
             example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()
-            _KEPT[_key(base, s, k, fold)] = FoldOutput(
+            _KEPT[_key(b, s, k, fold)] = FoldOutput(
                 list(f.ids[rep.test_idx]), res.probs, fit, list(f.ids[rep.train_idx]),
                 list(f.ids[rep.val_idx]), example)
         yield

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -48,7 +50,11 @@ def study_name(cfg: Config) -> str:
     for key in ("heartbeat_interval", "grace_period", "max_failures"):   # how, not what
         if hasattr(probe.hpo, key):
             setattr(probe.hpo, key, 0)
-    return f"{cfg.hpo.stage}-{probe.digest('data', 'model', 'training', 'flow', 'hpo')[:10]}"
+    d = probe.to_dict()
+    d["hpo"].pop("trial_batch")                 # how, and newer than the names it must keep
+    digest = hashlib.sha256(json.dumps({k: d[k] for k in ("data", "model", "training", "flow",
+                                                          "hpo")}, sort_keys=True).encode())
+    return f"{cfg.hpo.stage}-{digest.hexdigest()[:10]}"
 
 
 def heartbeat(h) -> tuple[int, int]:
