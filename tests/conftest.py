@@ -188,3 +188,17 @@ class Server:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def batched_fits(monkeypatch) -> list:
+    """The replicas of every `fit_batched` call the cross-validation makes (one list per
+    vectorised model), recorded as they go to the real function."""
+    from mexp.engine import batching
+    calls, real = [], batching.fit_batched
+
+    def recorded(make_model, X, y, reps, *a, **kw):
+        calls.append(list(reps))
+        return real(make_model, X, y, reps, *a, **kw)
+    monkeypatch.setattr(batching, "fit_batched", recorded)
+    return calls

@@ -281,7 +281,7 @@ def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp
     assert (got["on"]["fold"].to_numpy() == got["off"]["fold"].to_numpy()).all()
 
 
-def test_repeats_train_every_seed_in_one_vectorised_model(shared_data, tmp_path, monkeypatch):
+def test_repeats_train_every_seed_in_one_vectorised_model(shared_data, tmp_path, batched_fits):
     """`repeats` with fold batching: the second seed's folds train in the first repeat's
     vectorised model (one fit for 2 seeds x 4 folds) and give what that seed gives alone."""
     from pathlib import Path
@@ -291,18 +291,10 @@ def test_repeats_train_every_seed_in_one_vectorised_model(shared_data, tmp_path,
 
     from mexp import train_cnn
     from mexp.config import load_config
-    from mexp.engine import batching
     from tests.conftest import flow28_slice, store_at
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "data").mkdir()
     data_root = flow28_slice(shared_data, tmp_path / "data", ("sub06", "sub17", "016", "s15"))
-    calls = []
-    real = batching.fit_batched
-
-    def counting(make_model, X, y, reps, *a, **kw):
-        calls.append(sorted({r.seed for r in reps}))
-        return real(make_model, X, y, reps, *a, **kw)
-    monkeypatch.setattr(batching, "fit_batched", counting)
     base = [f"data.root={data_root}", "training.epochs=3", "output.local=false",
             "training.device=cpu", "data.augmentation=false", "model.dropout=0",
             "training.fold_batching=on"]
@@ -311,10 +303,12 @@ def test_repeats_train_every_seed_in_one_vectorised_model(shared_data, tmp_path,
     with store_at(tmp_path):
         both = train_cnn.main(load_config(root / "configs/megc2019_flow.yaml",
                                           base + ["repeats=2", "training.seed=5"]))
-        assert calls == [[5, 6, 7, 8, 9]], calls       # 4 folds x seeds 5 and 6: s + k
+        seeds = [sorted({r.seed for r in reps}) for reps in batched_fits]
+        assert seeds == [[5, 6, 7, 8, 9]], seeds       # 4 folds x seeds 5 and 6: s + k
         alone = train_cnn.main(load_config(root / "configs/megc2019_flow.yaml",
                                            base + ["repeats=1", "training.seed=6"]))
-        assert calls[1:] == [[6, 7, 8, 9]]
+        assert sorted({r.seed for r in batched_fits[1]}) == [6, 7, 8, 9]
+        assert len(batched_fits) == 2
         second = preds(both["repeats"][1]["run_id"], "second")
         solo = preds(alone["run_id"], "solo")
     cols = [c for c in solo.columns if c.startswith("prob_")]

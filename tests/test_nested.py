@@ -173,21 +173,13 @@ def test_a_nested_fold_stacks_with_each_clips_database(subset):
     assert np.abs(out.probs - plain.probs).max() > 1e-6     # the database features were used
 
 
-def test_outer_and_inner_folds_train_as_one_vectorised_model_per_candidate(subset, monkeypatch,
+def test_outer_and_inner_folds_train_as_one_vectorised_model_per_candidate(subset, batched_fits,
                                                                           tmp_path):
     """With fold batching, `prepare` trains every outer fold's inner folds and refit of a net
     candidate in one `fit_batched` call (#15 / #16: outer x inner together), and each outer
     fold's output equals the one-outer-fold-at-a-time path (inner folds batched per outer
     fold, refit serial) up to float32 noise; the closed-form member's folds are fitted in
     worker processes meanwhile; the stage run says which path it took."""
-    from mexp.engine import batched, batching
-    calls = []
-    real = batched.fit_batched
-
-    def counted(*a, **k):
-        calls.append(len(a[3]))
-        return real(*a, **k)
-    monkeypatch.setattr(batching, "fit_batched", counted)
     cfg = _cfg(subset, "selection.candidates={net: {model.name: ststnet}, lr: {model.name: logreg}}",
                "selection.mode=stack", "training.epochs=2", "data.augmentation=false",
                "model.dropout=0", "training.fold_batching=on")
@@ -195,7 +187,7 @@ def test_outer_and_inner_folds_train_as_one_vectorised_model_per_candidate(subse
     todo = list(enumerate(plan.folds))[:2]
     assert nested.prepare(todo, cpu_workers=2) == "net"
     inner = [len(nested.inner_plan(f).folds) for _, f in todo]
-    assert calls == [sum(inner) + len(todo)]          # one model: inner folds and refits
+    assert [len(r) for r in batched_fits] == [sum(inner) + len(todo)]   # inner folds + refits
     assert sorted({key[0] for key in nested.ready}) == ["lr", "net"]   # lr: 2 CPU processes
     assert len(nested.ready) == 2 * (sum(inner) + len(todo))
     prepared = [nested(k, f) for k, f in todo]

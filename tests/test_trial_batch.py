@@ -37,17 +37,10 @@ def _cfg(root, *extra):
 
 
 def test_a_trial_group_trains_as_one_model_and_each_trial_equals_its_run_alone(
-        subset, tracking, monkeypatch):
-    calls = []
-    real = batching.fit_batched
-
-    def counted(*a, **k):
-        calls.append(len(a[3]))
-        return real(*a, **k)
-    monkeypatch.setattr(batching, "fit_batched", counted)
+        subset, tracking, batched_fits):
     cfg = _cfg(subset, "hpo.trial_batch=3")
     out = hpo.main(cfg)
-    assert calls == [3 * len(SUBJECTS)]               # three trials x four folds, one model
+    assert [len(r) for r in batched_fits] == [3 * len(SUBJECTS)]   # 3 trials x 4 folds, one model
     study = optuna.load_study(study_name=out["study"], storage=hpo_study.storage_url(cfg))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3 and len({t.params["training.lr"] for t in done}) == 3
@@ -58,11 +51,11 @@ def test_a_trial_group_trains_as_one_model_and_each_trial_equals_its_run_alone(
         folds = client.search_runs([run.info.experiment_id],
                                    f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         assert len(folds) == len(SUBJECTS)
-    calls.clear()
+    batched_fits.clear()
     for t in done:                                    # each trial alone: its own model
         alone = train_cnn.main(trial_config(cfg, t.params))
         assert alone["uf1"] == pytest.approx(t.value, abs=1e-9)
-    assert calls == [len(SUBJECTS)] * 3
+    assert [len(r) for r in batched_fits] == [len(SUBJECTS)] * 3
 
 
 def test_only_per_replica_hyperparameters_join_a_group(subset):
