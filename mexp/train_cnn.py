@@ -21,7 +21,7 @@ from mexp import cli
 from mexp.config import Config
 from mexp.data.datasets import FLOW28, ClipSet
 from mexp.data.inputs import images_to_tensor, make_augment, stage1_frames
-from mexp.engine.crossval import FoldOutput, RowFolds, fit_and_score
+from mexp.engine.crossval import RowFolds
 from mexp.engine.plans import Fold
 from mexp.engine.training import fit, set_seed
 from mexp.models.build import build_cnn
@@ -35,23 +35,35 @@ log = logging.getLogger(__name__)
 STAGE = "train_cnn"
 
 
-def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray):
+def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray) -> RowFolds:
+    """The fold function: rows of one image array. With one image per clip that is each
+    clip's apex frame; with `data.frames=all` every frame of every clip (each labelled with its
+    clip's label, a fold's training rows being its training clips' frames in clip order, as
+    `stage1_frames` gives them) followed by the apex frames that validation and test use. Either
+    way fold batching can train the folds as one vectorised model."""
     kind = "flow" if cfg.data.dataset == FLOW28 else "frames"
     augment = make_augment(kind) if cfg.data.augmentation else None
     ids = cs.table["sample_id"].to_numpy()
     make_model = partial(build_cnn, cfg, clips.shape[-1], len(cs.classes))
-    if cfg.data.frames == "apex" or clips.shape[1] == 1:     # one image per clip: rows of one array
-        return RowFolds(cfg, make_model, clips[np.arange(len(cs)), cs.apex], cs.labels, ids,
-                        partial(clip_rows, cs), images_to_tensor, augment,
-                        kind if augment else "")
+    n, t = clips.shape[:2]
+    apex = clips[np.arange(n), cs.apex]
+    if cfg.data.frames == "apex" or t == 1:     # one image per clip
+        x, y, row_ids, rows = apex, cs.labels, ids, partial(clip_rows, cs)
+    else:
+        x = np.concatenate([stage1_frames(clips, cs.apex, "all")[0], apex])
+        y = np.concatenate([np.repeat(cs.labels, t), cs.labels])
+        row_ids, rows = np.concatenate([np.repeat(ids, t), ids]), partial(frame_rows, cs, t)
+    return RowFolds(cfg, make_model, x, y, row_ids, rows, images_to_tensor, augment,
+                    kind if augment else "")
 
-    def fold_fn(k: int, fold: Fold) -> FoldOutput:
-        tr, va, te = cs.subset(fold.train_ids), cs.subset(fold.val_ids), cs.subset(fold.test_ids)
-        x_tr, owner = stage1_frames(clips[tr], cs.apex[tr], cfg.data.frames)
-        return fit_and_score(cfg, k, fold, make_model, (x_tr, cs.labels[tr][owner]),
-                             (clips[va, cs.apex[va]], cs.labels[va]), clips[te, cs.apex[te]],
-                             (ids[te], ids[tr], ids[va]), images_to_tensor, augment)
-    return fold_fn
+
+def frame_rows(cs: ClipSet, t: int, fold: Fold) -> tuple:
+    """`data.frames=all`: the training clips' frames (rows clip * t + frame), and the
+    validation and test clips' apex frames (after the n * t frame rows)."""
+    tr, va, te = clip_rows(cs, fold)
+    n = len(cs)
+    return ((np.asarray(tr, np.int64)[:, None] * t + np.arange(t)).ravel(),
+            n * t + np.asarray(va, np.int64), n * t + np.asarray(te, np.int64))
 
 
 def clip_rows(cs: ClipSet, fold: Fold) -> tuple:

@@ -256,3 +256,39 @@ def test_nested_selection_at_stage_two_is_refused_before_any_run(cfg):
             command(cfg)
     assert not [r for e in client.search_experiments() for r in
                 client.search_runs([e.experiment_id])]
+
+
+def test_every_frame_folds_are_the_old_recipe_and_batch(cfg):
+    """`data.frames=all` (each training clip's every frame, labelled with its clip) as rows of
+    one array: one fold run by the fold function equals the recipe it replaced (the training
+    clips' frames via `stage1_frames`, apex frames to select and test) exactly, and fold
+    batching trains the folds as one model with the same probabilities up to float32 noise
+    (with SGD: a clip's near-identical frames leave gradients near zero, where Adam's
+    normalisation turns float32 rounding into full steps, ~1e-2 apart after one epoch)."""
+    from mexp.data.datasets import load_dataset
+    from mexp.data.inputs import images, images_to_tensor, stage1_frames
+    from mexp.engine.batching import batched_outputs
+    from mexp.engine.crossval import fit_and_score
+    from mexp.engine.setup import fold_plan
+    cfg.data.frames, cfg.model.dropout, cfg.data.augmentation = "all", 0.0, False
+    cfg.training.device, cfg.training.epochs, cfg.training.optimizer = "cpu", 1, "sgd"
+    cs = load_dataset(cfg.data)
+    clips = images(cfg, cs)
+    plan = fold_plan(cfg, cs.table["sample_id"], cs.groups, cs.labels)
+    fn = train_cnn.make_fold_fn(cfg, cs, clips)
+    fold, ids = plan.folds[0], cs.table["sample_id"].to_numpy()
+    tr, va, te = (cs.subset(s) for s in (fold.train_ids, fold.val_ids, fold.test_ids))
+    x_tr, owner = stage1_frames(clips[tr], cs.apex[tr], "all")
+    old = fit_and_score(cfg, 0, fold, fn.make_model, (x_tr, cs.labels[tr][owner]),
+                        (clips[va, cs.apex[va]], cs.labels[va]), clips[te, cs.apex[te]],
+                        (ids[te], ids[tr], ids[va]), images_to_tensor)
+    new = fn(0, fold)
+    np.testing.assert_array_equal(new.probs, old.probs)
+    assert (new.test_ids, new.fit_ids, new.select_ids) == (old.test_ids, old.fit_ids,
+                                                          old.select_ids)
+    assert len(fn.x) == len(cs) * (clips.shape[1] + 1)
+    todo = list(enumerate(plan.folds))
+    for k, f, out in batched_outputs(fn, todo, torch.device("cpu")):
+        serial = old if k == 0 else fn(k, f)
+        assert out.fit_ids == serial.fit_ids and out.test_ids == serial.test_ids
+        np.testing.assert_allclose(out.probs, serial.probs, atol=1e-3)

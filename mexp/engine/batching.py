@@ -165,7 +165,7 @@ def batched_outputs(fold_fn, todo: list, device: torch.device, chunk: int | None
 def _train(f, jobs: list, device, chunk: int):
     """Train `jobs` ((config key, per-replica hyperparameters, seed, k, fold), ...) chunk by
     chunk, keeping each output in `_KEPT`; yields after each chunk."""
-    from mexp.engine.crossval import FoldOutput
+    from mexp.engine.crossval import FoldOutput, distinct
     from mexp.engine.training import FitResult
     from mexp.util.progress import progress
     num_classes = f.make_model().num_classes
@@ -188,6 +188,6 @@ def _train(f, jobs: list, device, chunk: int):
             fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
             example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()
             _KEPT[_key(b, s, k, fold)] = FoldOutput(
-                list(f.ids[rep.test_idx]), res.probs, fit, list(f.ids[rep.train_idx]),
+                list(f.ids[rep.test_idx]), res.probs, fit, distinct(f.ids[rep.train_idx]),
                 list(f.ids[rep.val_idx]), example)
         yield

@@ -106,7 +106,12 @@ def fit_rows(cfg, k: int, fold: Fold, make_model: Callable, x: np.ndarray, y: np
     """`fit_and_score` on the rows (train, val, test) of `x`, `y` and `ids`."""
     tr, va, te = rows
     return fit_and_score(cfg, k, fold, make_model, (x[tr], y[tr]), (x[va], y[va]), x[te],
-                         (ids[te], ids[tr], ids[va]), to_input, augment)
+                         (ids[te], distinct(ids[tr]), ids[va]), to_input, augment)
+
+
+def distinct(ids) -> list:
+    """`ids` once each, in order (several rows may be one sample's: its frames)."""
+    return list(dict.fromkeys(ids))
 
 
 @dataclass
