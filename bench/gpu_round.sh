@@ -5,6 +5,7 @@
 # whole stays under ~9.5 minutes of the device's 10-minute command limit, most telling first;
 # prints each step's summary lines, keeps each step's full log under $OUT.
 #   run: bash bench/gpu_round.sh        (carry: [".whl", "data"])
+# Next, with device time left: python3 bench/trial_groups.py --device cuda (HPO trial groups).
 set -u
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-/tmp/gpu_round}; mkdir -p "$LOGS"
