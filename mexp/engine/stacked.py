@@ -245,7 +245,18 @@ class StackedOptimizer:
         self.decay_t = torch.as_tensor(1 - self.lr * self.wd, dtype=dt, device=dev)
         self.wd_t = torch.as_tensor(self.wd, dtype=dt, device=dev)
         self.neg_lr_t = torch.as_tensor(-self.lr, dtype=dt, device=dev)
-        for k, p in params.items():
+        self.keys, self.flat = list(params), None
+        if params and all(p.dtype == dt and p.device == dev for p in params.values()):
+            # one (R, P) tensor holds every parameter and `params` gets views into it, so a
+            # step is a dozen elementwise ops on it, not a dozen per parameter tensor (kernel
+            # launches on a GPU); per element the arithmetic is the same
+            self.flat = torch.cat([p.reshape(self.R, -1) for p in params.values()], 1)
+            off = 0
+            for k, p in list(params.items()):
+                n = p[0].numel()
+                params[k] = self.flat[:, off:off + n].view(p.shape)
+                off += n
+        for k, p in ({"flat": self.flat} if self.flat is not None else params).items():
             if kind in ("adam", "adamw"):
                 self.state[k] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             else:
@@ -271,47 +282,56 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def step(self, params: dict, grads: dict, sc: torch.Tensor, sc_first: torch.Tensor) -> None:
-        """sc: (4, R) float32 of this step on the device; updates params in place (where)."""
+        """sc: (4, R) float32 of this step on the device; updates params in place (where):
+        the one flat tensor `params` are views of, or each parameter tensor."""
         act = sc[0] > 0
+        if self.flat is not None:
+            g = torch.cat([grads[k].reshape(self.R, -1) for k in self.keys], 1)
+            self._update("flat", self.flat, g, act, sc, sc_first)
+            return
         for k, p in params.items():
-            g = grads[k]
-            bshape = (self.R,) + (1,) * (p.dim() - 1)
-            a = act.reshape(bshape)
-            st = self.state[k]
-            if self.kind in ("adam", "adamw"):
-                new_p = p
-                if self.kind == "adamw":
-                    if self.uniform_lr and self.uniform_wd:
-                        if self.wd[0] != 0:
-                            new_p = p.mul(1 - self.lr[0] * self.wd[0])
-                    else:
-                        new_p = p * self.decay_t.reshape(bshape)
+            self._update(k, p, grads[k], act, sc, sc_first)
+
+    def _update(self, k: str, p: torch.Tensor, g: torch.Tensor, act: torch.Tensor,
+                sc: torch.Tensor, sc_first: torch.Tensor) -> None:
+        """One (R, ...) tensor's update, its state under `k`."""
+        bshape = (self.R,) + (1,) * (p.dim() - 1)
+        a = act.reshape(bshape)
+        st = self.state[k]
+        if self.kind in ("adam", "adamw"):
+            new_p = p
+            if self.kind == "adamw":
+                if self.uniform_lr and self.uniform_wd:
+                    if self.wd[0] != 0:
+                        new_p = p.mul(1 - self.lr[0] * self.wd[0])
                 else:
-                    if self.uniform_wd:
-                        if self.wd[0] != 0:
-                            g = g.add(p, alpha=float(self.wd[0]))
-                    else:
-                        g = g + self.wd_t.reshape(bshape) * p
-                exp_avg = st["exp_avg"].lerp(g, 1 - self.beta1)
-                exp_avg_sq = st["exp_avg_sq"].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = (exp_avg_sq.sqrt() / sc[2].reshape(bshape)).add_(self.eps)
-                new_p = torch.addcdiv(new_p, sc[1].reshape(bshape) * exp_avg, denom)
-                st["exp_avg"] = torch.where(a, exp_avg, st["exp_avg"])
-                st["exp_avg_sq"] = torch.where(a, exp_avg_sq, st["exp_avg_sq"])
-            else:   # sgd, momentum 0.9, dampening 0, no nesterov
+                    new_p = p * self.decay_t.reshape(bshape)
+            else:
                 if self.uniform_wd:
                     if self.wd[0] != 0:
                         g = g.add(p, alpha=float(self.wd[0]))
                 else:
                     g = g + self.wd_t.reshape(bshape) * p
-                first = sc_first.reshape(bshape)
-                buf = torch.where(first, g, st["buf"].mul(self.momentum).add_(g))
-                if self.uniform_lr:
-                    new_p = p.add(buf, alpha=-float(self.lr[0]))
-                else:
-                    new_p = p + self.neg_lr_t.reshape(bshape) * buf
-                st["buf"] = torch.where(a, buf, st["buf"])
-            p.copy_(torch.where(a, new_p, p))
+            exp_avg = st["exp_avg"].lerp(g, 1 - self.beta1)
+            exp_avg_sq = st["exp_avg_sq"].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (exp_avg_sq.sqrt() / sc[2].reshape(bshape)).add_(self.eps)
+            new_p = torch.addcdiv(new_p, sc[1].reshape(bshape) * exp_avg, denom)
+            st["exp_avg"] = torch.where(a, exp_avg, st["exp_avg"])
+            st["exp_avg_sq"] = torch.where(a, exp_avg_sq, st["exp_avg_sq"])
+        else:   # sgd, momentum 0.9, dampening 0, no nesterov
+            if self.uniform_wd:
+                if self.wd[0] != 0:
+                    g = g.add(p, alpha=float(self.wd[0]))
+            else:
+                g = g + self.wd_t.reshape(bshape) * p
+            first = sc_first.reshape(bshape)
+            buf = torch.where(first, g, st["buf"].mul(self.momentum).add_(g))
+            if self.uniform_lr:
+                new_p = p.add(buf, alpha=-float(self.lr[0]))
+            else:
+                new_p = p + self.neg_lr_t.reshape(bshape) * buf
+            st["buf"] = torch.where(a, buf, st["buf"])
+        p.copy_(torch.where(a, new_p, p))
 
 
 def as_index(a) -> np.ndarray:
