@@ -106,7 +106,8 @@ class Phases:
             setattr(o, n, f)
 
     def line(self, wall: float) -> str:
-        rest = wall - sum(v for k, v in self.t.items() if k != "train" or "prepare" not in self.t)
+        inside = {"train"} if "prepare" in self.t else set()     # nested: training is in prepare
+        rest = wall - sum(v for k, v in self.t.items() if k not in inside)
         return ", ".join(f"{k} {v:.1f} s" for k, v in self.t.items()) + f", rest {rest:.1f} s"
 
 

@@ -133,9 +133,7 @@ def run_group(study, cfg: Config, parent_id: str, size: int) -> None:
             except optuna.TrialPruned:
                 value, state = None, TrialState.PRUNED
             except Exception as e:
-                msg = redact(f"{type(e).__name__}: {e}")
-                t.set_user_attr(ERROR, msg[:2000])
-                log.warning("trial %d failed: %s", t.number, msg)
+                record_error(t, e)
                 value, state = None, TrialState.FAIL
             try:
                 study.tell(t, value, state=state)
@@ -197,10 +195,15 @@ def objective(trial: optuna.Trial, cfg: Config, parent_id: str) -> float:
     except optuna.TrialPruned:
         raise
     except Exception as e:
-        msg = redact(f"{type(e).__name__}: {e}")
-        trial.set_user_attr(ERROR, msg[:2000])
-        log.warning("trial %d failed: %s", trial.number, msg)
+        record_error(trial, e)
         raise
+
+
+def record_error(trial, err: Exception) -> None:
+    """An admitted trial's error on the trial (user attr mexp_error, redacted) and in the log."""
+    msg = redact(f"{type(err).__name__}: {err}")
+    trial.set_user_attr(ERROR, msg[:2000])
+    log.warning("trial %d failed: %s", trial.number, msg)
 
 
 def train_trial(trial: optuna.Trial, cfg: Config, parent_id: str,

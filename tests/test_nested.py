@@ -210,3 +210,21 @@ def test_outer_and_inner_folds_train_as_one_vectorised_model_per_candidate(subse
         assert "candidates net" in tags["mexp.fold_path_why"]
         report, bad = evaluation.evaluate(s["run_id"])
         assert bad == [] and report["pooled"]["n"] == s["n"]
+
+
+def test_closed_form_members_fit_on_the_cpu_beside_batched_nets(subset, monkeypatch):
+    """The scikit-learn members' worker processes get a CPU copy of their config (on CUDA they
+    had each opened a CUDA context for nothing), whatever `training.device` says."""
+    from mexp.engine import pool
+    devices, real = [], pool.fold_outputs
+
+    def recorded(fn, todo, workers=1):
+        devices.append(fn.cfg.training.device)
+        return real(fn, todo, workers)
+    monkeypatch.setattr(pool, "fold_outputs", recorded)
+    cfg = _cfg(subset, "selection.candidates={net: {model.name: ststnet}, lr: {model.name: logreg}}",
+               "selection.mode=stack", "training.epochs=1", "training.fold_batching=on",
+               "training.device=auto")
+    _, _, plan, nested = _nested(cfg)
+    assert nested.prepare(list(enumerate(plan.folds))[:1], cpu_workers=2) == "net"
+    assert devices == ["cpu"]
