@@ -128,10 +128,6 @@ class NestedFolds:
         from mexp.engine.batching import batched_outputs, choose
         from mexp.engine.pool import fold_outputs
         from mexp.engine.training import resolve_device
-        jobs = [(j, f, False) for k, fold in todo
-                for j, f in enumerate(self.inner_plan(fold).folds)]
-        jobs += [(k, self.refit_fold(fold), True) for k, fold in todo]
-        todo_jobs = [(j, f) for j, f, _ in jobs]
         nets, closed = [], []
         for name, c in self.candidates.items():
             fn, device = self.make_fold_fn(c), resolve_device(c.training.device)
@@ -143,6 +139,10 @@ class NestedFolds:
                 closed.append((name, self.make_fold_fn(on_cpu)))
         if not nets:
             return ""
+        jobs = [(j, f, False) for k, fold in todo
+                for j, f in enumerate(self.inner_plan(fold).folds)]
+        jobs += [(k, self.refit_fold(fold), True) for k, fold in todo]
+        todo_jobs = [(j, f) for j, f, _ in jobs]
         got, failed = {}, []
 
         def fit_closed():                   # beside the device's training, in processes
