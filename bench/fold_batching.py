@@ -8,7 +8,10 @@ epochs, AdamW, class-weighted, flip/shift augmentation; `--config` another, e.g.
 `configs/megc2019_nested.yaml`) with `repeats=--seeds`:
 - serial: `training.fold_workers=1 training.fold_batching=off` (one fold after another),
 - pool: `training.fold_workers=0 training.fold_batching=off` (one 1-thread process per core),
-- batched: `training.fold_batching=on` (all 68 folds as one vectorised model).
+- batched: `training.fold_batching=on` (all 68 folds as one vectorised model; on CUDA its
+  training step is captured once as a CUDA graph and replayed),
+- batched-eager: the same with `training.cuda_graphs=false` (each step's kernels launched from
+  Python), to measure what the graph saves.
 Prints wall time, process CPU time, the run's `mexp.fold_path` tag and the 3-seed mean (or the
 one seed's) UF1/UAR, on CUDA the GPU utilisation sampled by nvidia-ml-py during the run, and
 where the time went (`phases`: vectorised training, nested preparation, waiting for the fold
@@ -36,7 +39,8 @@ from mexp.data.datasets import shared_data_dir
 
 PATHS = {"serial": ["training.fold_workers=1", "training.fold_batching=off"],
          "pool": ["training.fold_workers=0", "training.fold_batching=off"],
-         "batched": ["training.fold_batching=on"]}
+         "batched": ["training.fold_batching=on"],
+         "batched-eager": ["training.fold_batching=on", "training.cuda_graphs=false"]}
 
 
 def cpu_seconds() -> float:
@@ -136,7 +140,9 @@ def run(path: str, seeds: int, extra: list[str], config: str) -> dict:
         "output.local=false", *PATHS[path], *extra])
     out, wall, cpu, gpu, phases = measured(train_cnn.main, cfg)
     first = out["repeats"][0]["run_id"] if seeds > 1 else out["run_id"]
-    tag = MlflowClient().get_run(first).data.tags.get("mexp.fold_path", "?")
+    tags = MlflowClient().get_run(first).data.tags
+    tag = tags.get("mexp.fold_path", "?") + (
+        f" ({tags['mexp.fold_steps']})" if "mexp.fold_steps" in tags else "")
     return {"path": path, "wall": wall, "cpu": cpu, "tag": tag, "uf1": out["uf1"],
             "uar": out["uar"], "gpu": gpu, "run": out["run_id"], "phases": phases}
 

@@ -1,27 +1,34 @@
 #!/bin/bash
-# The GPU measurements of #15 / #16 as one prepared run for a session lent a GPU machine
+# The GPU measurements of #15 as one prepared run for a session lent a GPU machine
 # (../shared/FACTS.md: the machine has torch and CUDA; mlflow, optuna and friends come as wheels
-# in .whl/, the MEGC2019 images in data/, both carried). Each step has its own timeout so the
-# whole stays under ~9.5 minutes of the device's 10-minute command limit, most telling first;
-# prints each step's summary lines, keeps each step's full log under $OUT.
+# in .whl/, the MEGC2019 images in data/, both carried). Each step has its own timeout and runs
+# only while its limit fits in the ~9.5 minutes left of the device's 10-minute command limit,
+# most telling first; prints each step's summary lines, keeps each step's full log under $OUT.
 #   run: bash bench/gpu_round.sh        (carry: [".whl", "data"])
-# Next, with device time left: python3 bench/trial_groups.py --device cuda (HPO trial groups).
+# Steps: the CUDA-graph tests; MEGC2019 one seed batched (the step as a CUDA graph) and
+# batched-eager (without it); three seeds batched; serial (the baseline on this card); nested
+# selection; the demo pipeline. Next, with device time left: python3 bench/trial_groups.py
+# --device cuda (HPO trial groups).
 set -u
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-/tmp/gpu_round}; mkdir -p "$LOGS"
-T0=$(date +%s)
+T0=$(date +%s); BUDGET=${BUDGET:-565}
 if [ -d .whl ]; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD MEXP_DATA=${MEXP_DATA:-$PWD/data} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 nproc; python3 -c "import torch, mlflow; print('torch', torch.__version__, 'mlflow', mlflow.__version__)"
+step() { local name=$1 t=$2; shift 2; local now=$(( $(date +%s) - T0 ))
+  if [ $(( now + t )) -gt "$BUDGET" ]; then echo "== $name: skipped (${t}s limit, ${now}s gone)"; return; fi
+  echo "== $name: $* (limit ${t}s, at ${now}s)"
+  timeout "$t" "$@" > "$LOGS/$name.log" 2>&1; echo "rc $?"
+  grep -E "^\||^RESULT|^stages|^phase|passed|failed|Traceback|Error" "$LOGS/$name.log" | tail -25; }
+step graph_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py -k "cuda_graph or static_step"
 cd bench
-step() { local name=$1 t=$2; shift 2; echo "== $name: $* (limit ${t}s, at $(( $(date +%s) - T0 ))s)"
-  timeout "$t" python3 "$@" > "$LOGS/$name.log" 2>&1; echo "rc $?"
-  grep -E "^\||^RESULT|^stages|^phase|Traceback|Error" "$LOGS/$name.log" | tail -25; }
-step batched1 60 fold_batching.py --device cuda --paths batched --seeds 1 --workdir /tmp/fb1
-step serial1 190 fold_batching.py --device cuda --paths serial --seeds 1 --workdir /tmp/fbs
-step batched3 90 fold_batching.py --device cuda --paths batched --seeds 3 --workdir /tmp/fb3
-step nested1 150 fold_batching.py --device cuda --paths batched --seeds 1 \
+step batched1 60 python3 fold_batching.py --device cuda --paths batched --seeds 1 --workdir /tmp/fb1
+step eager1 60 python3 fold_batching.py --device cuda --paths batched-eager --seeds 1 --workdir /tmp/fbe
+step batched3 80 python3 fold_batching.py --device cuda --paths batched --seeds 3 --workdir /tmp/fb3
+step serial1 230 python3 fold_batching.py --device cuda --paths serial --seeds 1 --workdir /tmp/fbs
+step nested1 140 python3 fold_batching.py --device cuda --paths batched --seeds 1 \
   --config configs/megc2019_nested.yaml --workdir /tmp/fbn
-step demo 70 fold_batching.py --device cuda --workload demo --paths batched --workdir /tmp/fbd
+step demo 70 python3 fold_batching.py --device cuda --workload demo --paths batched --workdir /tmp/fbd
 echo "== done at $(( $(date +%s) - T0 ))s"

@@ -85,6 +85,7 @@ class TrainingConfig:
     num_threads: int = _neutral(0)   # torch threads; 0: leave torch's default
     fold_workers: int = _neutral(1)  # folds trained at once in processes; 0: one per core
     fold_batching: str = "auto"      # all folds as one vectorised model: auto (CUDA) | on | off
+    cuda_graphs: bool = _neutral(True)  # batched on CUDA: the training step replayed as a CUDA graph
     mixup: float = 0.0               # mixup Beta(alpha, alpha) on each minibatch; 0: off
     ema: float = 0.0                 # decay of an average of the weights kept, e.g. 0.99; 0: off
     swa_epochs: int = 0              # keep the mean weights of the last N epochs (SWA); 0: off

@@ -427,3 +427,74 @@ def test_lstm_replicas_match_serial():
     for g, (res, p) in zip(got, serial(make, x, y, reps, cfg, to_input)):
         assert g.best_epoch == res.best_epoch
         assert np.abs(g.probs - p).max() < 1e-10
+
+
+@pytest.mark.parametrize("kw", [
+    dict(optimizer="adamw", lr=0.05, epochs=8, early_stopping=1, with_val=True),  # some stop
+    dict(optimizer="sgd", lr=0.05, mixup=0.3, ema=0.9, with_val=False),
+    dict(optimizer="adam", swa_epochs=2, augment="frames", with_val=False)])
+def test_static_step_path_equals_the_eager_loop(kw):
+    """The step a CUDA graph replays (`graphs='static'`: the epoch plan copied into buffers
+    allocated once, each step reading its slice by a device counter) computes exactly what
+    the plain eager loop does, bit for bit: the same batches, draws, optimizer state, BatchNorm
+    statistics, recipes, and epochs with fewer steps once replicas stop early."""
+    kw = dict(kw)
+    with_val, augment = kw.pop("with_val"), kw.pop("augment", None)
+    x, y = data(70)
+    reps = replicas(70, with_val)
+    cfg = tcfg(**{"epochs": 4, **kw})
+    eager = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor, augment=augment,
+                           device="cpu")
+    static = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor, augment=augment,
+                            device="cpu", graphs="static")
+    assert {r.step_path for r in eager} == {"eager"}
+    assert {r.step_path for r in static} == {"static"}
+    if with_val:      # the early stop happened, so later epochs planned fewer steps
+        assert len({len(r.history) for r in eager}) > 1
+    for a, b in zip(eager, static):
+        assert np.array_equal(a.probs, b.probs)
+        assert a.best_epoch == b.best_epoch and a.history == b.history
+        for k in a.state:
+            assert torch.equal(a.state[k], b.state[k]), k
+
+
+def test_cuda_graphs_setting():
+    """`training.cuda_graphs: false` keeps eager steps; graphs are only asked of CUDA."""
+    x, y = data(30)
+    reps = [fb.Replica(np.arange(20), None, np.arange(20, 30), seed=1)]
+    with pytest.raises(ValueError, match="CUDA device"):
+        fb.fit_batched(TinyNet, x, y, reps, tcfg(epochs=1), 3, images_to_tensor,
+                       device="cpu", graphs="cuda")
+    with pytest.raises(ValueError, match="graphs must be"):
+        fb.fit_batched(TinyNet, x, y, reps, tcfg(epochs=1), 3, images_to_tensor,
+                       device="cpu", graphs="yes")
+    for flag in (True, False):        # on the CPU 'auto' is eager either way
+        out = fb.fit_batched(TinyNet, x, y, reps, tcfg(epochs=1, cuda_graphs=flag), 3,
+                             images_to_tensor, device="cpu")
+        assert out[0].step_path == "eager"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kw", [dict(optimizer="adamw", augment="flow"),
+                                dict(optimizer="sgd", lr=0.05, mixup=0.3, ema=0.9)])
+def test_cuda_graph_replays_the_eager_steps(kw):
+    """On CUDA the step is captured once and replayed: the run says so, and its predictions
+    equal the eager steps' (float32, cuDNN's choices aside) for STSTNet on flow images."""
+    kw = dict(kw)
+    augment = kw.pop("augment", None)
+    rng = np.random.default_rng(0)
+    n = 90
+    x = rng.normal(size=(n, 3, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    x[:, 0] += (y - 1)[:, None, None]
+    reps = [fb.Replica(np.delete(np.arange(n), np.arange(r, n, 6)), None,
+                       np.arange(r, n, 6), seed=r) for r in range(6)]
+    cfg = tcfg(epochs=3, batch_size=16, **kw)
+    out = {}
+    for g in ("auto", None):
+        out[g] = fb.fit_batched(lambda: create_model("ststnet", num_classes=3), x, y, reps,
+                                cfg, 3, torch.as_tensor, augment=augment, device="cuda",
+                                graphs=g)
+    assert {r.step_path for r in out["auto"]} == {"cuda graph"}
+    worst = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(out["auto"], out[None]))
+    assert worst < 1e-4, worst

@@ -47,6 +47,11 @@ from mexp.engine.stacked import (_CTX, MaskedBatchNorm, StackedOptimizer, as_aug
 from mexp.engine.training import class_weights, resolve_device, set_seed
 
 
+# eager steps on a side stream before the step is captured as a CUDA graph (lazy
+# initialisation, cuDNN's algorithm choice); they are real steps of the first epoch
+GRAPH_WARMUP = 3
+
+
 @dataclass
 class Replica:
     """One fold x seed. Indices point into the shared X / y given to `fit_batched`."""
@@ -68,6 +73,7 @@ class ReplicaResult:
     selected_on: str = "final"
     state: dict = field(default_factory=dict)
     probs: np.ndarray | None = None
+    step_path: str = "eager"        # eager | cuda graph | static | eager (graph capture failed)
 
 
 def _weighted_ce(out: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,7 @@ class Lockstep:
     """The state of one batched fit: stacked weights, optimizer, data on the device."""
 
     def __init__(self, make_model, X, y, replicas, tcfg, num_classes, to_input, augment,
-                 device, initial_states, eval_chunk, vmap_chunk):
+                 device, initial_states, eval_chunk, vmap_chunk, graphs="auto"):
         self.R, self.tcfg, self.num_classes = len(replicas), tcfg, num_classes
         self.dev = resolve_device(device) if not isinstance(device, torch.device) else device
         self.bs, self.epochs = int(tcfg.batch_size), int(tcfg.epochs)
@@ -106,6 +112,17 @@ class Lockstep:
                             chunk_size=vmap_chunk)
         self.eval_fn = vmap(self._logits, randomness="different")
         self._recipes(tcfg)
+        self.total = torch.zeros(self.R, dtype=torch.float64, device=self.dev)
+        # the step as a CUDA graph (`_graphed_epoch`): "cuda" there with "auto"; "static"
+        # runs the same static-buffer steps eagerly (the CPU tests of that logic); None: eager
+        if graphs == "auto":
+            graphs = "cuda" if self.dev.type == "cuda" else None
+        if graphs not in (None, False, "cuda", "static"):
+            raise ValueError(f"graphs must be 'auto', 'cuda', 'static' or None, got {graphs!r}")
+        if graphs == "cuda" and self.dev.type != "cuda":
+            raise ValueError("graphs='cuda' needs a CUDA device")
+        self.graphs = graphs or None
+        self._gplan, self._graph, self._ctr, self.graph_error = None, None, None, None
 
     def _recipes(self, tcfg) -> None:
         """Mixup, weight EMA and SWA (`mexp.engine.recipes`), all off by default."""
@@ -221,7 +238,9 @@ class Lockstep:
         return [probs[r, :len(g)] for r, g in enumerate(groups)]
 
     def plan_epoch(self, live: np.ndarray) -> dict:
-        """Every step's batch indices, masks and augmentation draws for one epoch (host)."""
+        """Every step's batch indices, masks and augmentation draws for one epoch (host): per
+        replica the draws in the serial loop's order (permutation, augmentation, then each
+        step's mixup draws), the epoch's batches sorted as blocks of one array."""
         bs, R, tr = self.bs, self.R, self.tr
         steps = np.array([math.ceil(len(tr[r]) / bs) if not self.done[r] else 0 for r in range(R)])
         S = int(steps.max()) if len(steps) else 0
@@ -232,64 +251,128 @@ class Lockstep:
         lam = np.ones((S, R))
         perm = np.broadcast_to(np.arange(B), (S, R, B)).copy() if self.mixup else None
         for r in live:
-            order = self.rngs[r].permutation(len(tr[r]))
+            n, st = len(tr[r]), int(steps[r])
+            order = self.rngs[r].permutation(n)
             if self.aug is not None:
-                fl, sh = draw_augment(self.rngs[r], len(tr[r]), self.aug.max_shift)
-            for s in range(steps[r]):
-                sl = order[s * bs:(s + 1) * bs]
-                j = np.argsort(sl, kind="stable")
-                k = len(sl)
-                idx[s, r, :k] = tr[r][sl[j]]                   # np.sort(order[i:i + bs])
-                msk[s, r, :k] = True
-                active[s, r] = k >= 2 or (k == 1 and not self.has_bn)
-                if self.aug is not None:
-                    pos = s * bs + j                            # each sample keeps its draw
-                    flip[s, r, :k], shift[s, r, :k] = fl[pos], sh[pos]
-                if self.mixup and k >= 2:                       # recipes.mixed_loss's draws
+                fl, sh = draw_augment(self.rngs[r], n, self.aug.max_shift)
+            if not st:
+                continue
+            blk = np.full(st * bs, n, np.int64)          # padding (n) sorts after every row
+            blk[:n] = order
+            blk = blk.reshape(st, bs)
+            j = np.argsort(blk, axis=1, kind="stable")[:, :B]
+            srt = np.take_along_axis(blk, j, 1)           # np.sort(order[i:i + bs]) per step
+            ok = srt < n
+            k = ok.sum(1)
+            idx[:st, r] = np.where(ok, tr[r][np.minimum(srt, n - 1)], 0)
+            msk[:st, r] = ok
+            active[:st, r] = (k >= 2) | ((k == 1) & (not self.has_bn))
+            if self.aug is not None:                      # each sample keeps its draw
+                pos = np.minimum(np.arange(st)[:, None] * bs + j, n - 1)
+                flip[:st, r] = ok & fl[pos]
+                shift[:st, r] = np.where(ok[..., None], sh[pos], 0)
+            if self.mixup:                                # recipes.mixed_loss's draws
+                for s in np.flatnonzero(k >= 2):
                     lam[s, r] = self.rngs[r].beta(self.mixup, self.mixup)
-                    perm[s, r, :k] = self.rngs[r].permutation(k)
+                    perm[s, r, :k[s]] = self.rngs[r].permutation(k[s])
         t = lambda a: torch.as_tensor(a, device=self.dev)      # noqa: E731
         sc = torch.as_tensor(self.opt.plan(active), dtype=self.Xd.dtype, device=self.dev)
         return {"S": S, "idx": t(idx), "mask": t(msk & active[:, :, None]).float(),
                 "active": t(active), "flip": t(flip), "shift": t(shift), "sc": sc,
-                "first": sc[:, 1] > 0.5 if self.opt_kind == "sgd" else None,
                 "lam": torch.as_tensor(lam, dtype=self.Xd.dtype, device=self.dev),
                 "perm": t(perm) if perm is not None else None}
 
     def run_epoch(self, plan: dict) -> np.ndarray:
-        """The epoch's steps, with no host sync inside; the mean training loss per replica."""
-        total = torch.zeros(self.R, dtype=torch.float64, device=self.dev)
+        """The epoch's steps, with no host sync inside; the mean training loss per replica.
+        On CUDA (`graphs`) the step is captured once as a CUDA graph and replayed."""
         self.base.train()
-        for s in range(plan["S"]):
-            it = plan["idx"][s]
-            xb, yb = self.Xd[it], self.Yd[it]
-            if self.aug is not None:
-                xb = augment_inputs(xb, plan["flip"][s], plan["shift"][s, ..., 0],
-                                    plan["shift"][s, ..., 1],
-                                    self.aug.u_channel if self.aug.kind == "flow" else None)
-            mk = plan["mask"][s]
-            sw = torch.gather(self.cw, 1, yb) * mk
-            if self.mixup:
-                pm, lam = plan["perm"][s], plan["lam"][s]
-                rows = torch.arange(self.R, device=self.dev)[:, None]
-                lx = lam.reshape((self.R,) + (1,) * (xb.dim() - 1))
-                xb = lx * xb + (1.0 - lx) * xb[rows, pm]
-                yb2 = yb[rows, pm]
-                sw2 = torch.gather(self.cw, 1, yb2) * mk
-                grads, (loss, upd) = self.mix_fn(self.params, self.frozen, self.buffers, xb, yb,
-                                                 sw, yb2, sw2, lam, mk)
+        self.total.zero_()
+        if self.graphs is not None:
+            self._graphed_epoch(plan)
+        else:
+            for s in range(plan["S"]):
+                self._step({k: plan[k][s] for k in self._STEP if plan[k] is not None})
+        return self.total.cpu().numpy() / np.maximum([len(t) for t in self.tr], 1)
+
+    _STEP = ("idx", "mask", "active", "flip", "shift", "sc", "lam", "perm")
+
+    def _step(self, cur: dict) -> None:
+        """One step of every replica from its slice of the epoch plan (`cur`: idx, mask,
+        active, flip, shift, sc, lam, perm of this step): device work only, no host sync and
+        no branch on data, so that a CUDA graph of it replays it exactly."""
+        it = cur["idx"]
+        xb, yb = self.Xd[it], self.Yd[it]
+        if self.aug is not None:
+            xb = augment_inputs(xb, cur["flip"], cur["shift"][..., 0], cur["shift"][..., 1],
+                                self.aug.u_channel if self.aug.kind == "flow" else None)
+        mk = cur["mask"]
+        sw = torch.gather(self.cw, 1, yb) * mk
+        if self.mixup:
+            pm, lam = cur["perm"], cur["lam"]
+            rows = torch.arange(self.R, device=self.dev)[:, None]
+            lx = lam.reshape((self.R,) + (1,) * (xb.dim() - 1))
+            xb = lx * xb + (1.0 - lx) * xb[rows, pm]
+            yb2 = yb[rows, pm]
+            sw2 = torch.gather(self.cw, 1, yb2) * mk
+            grads, (loss, upd) = self.mix_fn(self.params, self.frozen, self.buffers, xb, yb,
+                                             sw, yb2, sw2, lam, mk)
+        else:
+            grads, (loss, upd) = self.step_fn(self.params, self.frozen, self.buffers, xb, yb,
+                                              sw, mk)
+        sc = cur["sc"]
+        self.opt.step(self.params, grads, sc, sc[1] > 0.5 if self.opt_kind == "sgd" else None)
+        a = cur["active"]
+        with torch.no_grad():
+            self._apply_bn(upd, a)
+            if self.ema:
+                self._average(a, self.ema)
+            self.total += torch.where(a, loss.double() * mk.sum(1).double(), 0.0)
+
+    def _static_step(self) -> None:
+        """`_step` on step `self._ctr` of the static plan (`self._gplan`), then the counter
+        advances: the same addresses every step, as a CUDA graph needs."""
+        self._step({k: v.index_select(0, self._ctr).squeeze(0) for k, v in self._gplan.items()})
+        self._ctr.add_(1)
+
+    def _graphed_epoch(self, plan: dict) -> None:
+        """The epoch through `_static_step`: the plan copied into static buffers (allocated at
+        the first epoch: later epochs have at most as many steps), on CUDA the first
+        `GRAPH_WARMUP` steps run eagerly on a side stream, the next one is captured (recorded,
+        not run) and every later step, this epoch and after, replays the graph. A capture
+        that fails falls back to eager steps (`graph_error` says why)."""
+        S = plan["S"]
+        cur = {k: plan[k] for k in self._STEP if plan[k] is not None}
+        if self._gplan is None or any(v.shape[0] < S or v.shape[1:] != cur[k].shape[1:]
+                                      for k, v in self._gplan.items()):
+            self._gplan, self._graph = {k: v.clone() for k, v in cur.items()}, None
+            self._ctr = torch.zeros(1, dtype=torch.long, device=self.dev)
+        else:
+            for k, v in cur.items():
+                self._gplan[k][:S].copy_(v)
+        self._ctr.zero_()
+        s = 0
+        if self._graph is None and self.graphs == "cuda" and S > GRAPH_WARMUP:
+            side = torch.cuda.Stream(self.dev)
+            side.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    self._static_step()
+            torch.cuda.current_stream(self.dev).wait_stream(side)
+            s = GRAPH_WARMUP
+            try:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    self._static_step()
+                self._graph = g
+            except Exception as e:              # noqa: BLE001: eager steps are always right
+                torch.cuda.synchronize(self.dev)
+                self.graphs, self.graph_error = None, f"{type(e).__name__}: {e}"
+                self._ctr.fill_(s)
+        for _ in range(s, S):
+            if self._graph is not None:
+                self._graph.replay()
             else:
-                grads, (loss, upd) = self.step_fn(self.params, self.frozen, self.buffers, xb, yb,
-                                                  sw, mk)
-            self.opt.step(self.params, grads, plan["sc"][s],
-                          plan["first"][s] if plan["first"] is not None else None)
-            a = plan["active"][s]
-            with torch.no_grad():
-                self._apply_bn(upd, a)
-                if self.ema:
-                    self._average(a, self.ema)
-                total += torch.where(a, loss.double() * mk.sum(1).double(), 0.0)
-        return total.cpu().numpy() / np.maximum([len(t) for t in self.tr], 1)
+                self._static_step()
 
     def _apply_bn(self, upd: dict, a: torch.Tensor, buffers: dict | None = None) -> None:
         """BatchNorm running-stat updates of the replicas that stepped (`a`), into `buffers`
@@ -420,23 +503,28 @@ def fit_batched(make_model: Callable[[], nn.Module], X: np.ndarray, y: np.ndarra
                 to_input: Callable[[np.ndarray], torch.Tensor], augment=None,
                 device=None, initial_states: Sequence[dict] | None = None,
                 eval_chunk: int = 256, vmap_chunk: int | str | None = "auto",
-                on_epoch: Callable[[int], None] | None = None) -> list[ReplicaResult]:
+                on_epoch: Callable[[int], None] | None = None,
+                graphs: str | None = None) -> list[ReplicaResult]:
     """Train every replica in lockstep (the module docstring says how). `X` is every sample
     any replica uses, as `to_input` takes it; `tcfg` has epochs, batch_size, lr, optimizer,
-    weight_decay, early_stopping, class_weighted, device; `augment` is None, 'flow',
-    'frames' or a `stacked.TorchAugment`. One ReplicaResult per replica, in order."""
+    weight_decay, early_stopping, class_weighted, device (and cuda_graphs); `augment` is None,
+    'flow', 'frames' or a `stacked.TorchAugment`; `graphs` 'auto' (the step as a CUDA graph
+    on CUDA), 'static' or None (default: 'auto' unless `tcfg.cuda_graphs` is false). One
+    ReplicaResult per replica, in order; its `step_path` says how the steps ran."""
     if not replicas:
         return []
     device = device if device is not None else getattr(tcfg, "device", "auto")
+    if graphs is None:
+        graphs = "auto" if getattr(tcfg, "cuda_graphs", True) else None
     with sdpa_kernel([SDPBackend.MATH]):    # attention as plain ops: the fused kernels have no vmap rule
         return _fit(make_model, X, y, replicas, tcfg, num_classes, to_input, augment, device,
-                    initial_states, eval_chunk, vmap_chunk, on_epoch)
+                    initial_states, eval_chunk, vmap_chunk, on_epoch, graphs)
 
 
 def _fit(make_model, X, y, replicas, tcfg, num_classes, to_input, augment, device,
-         initial_states, eval_chunk, vmap_chunk, on_epoch) -> list[ReplicaResult]:
+         initial_states, eval_chunk, vmap_chunk, on_epoch, graphs) -> list[ReplicaResult]:
     ls = Lockstep(make_model, X, y, replicas, tcfg, num_classes, to_input, augment,
-                  device, initial_states, eval_chunk, vmap_chunk)
+                  device, initial_states, eval_chunk, vmap_chunk, graphs)
     for epoch in range(1, ls.epochs + 1):
         live = np.flatnonzero(~ls.done)
         if not len(live):
@@ -451,4 +539,10 @@ def _fit(make_model, X, y, replicas, tcfg, num_classes, to_input, augment, devic
                 ls.done[r] = True
         if on_epoch is not None:
             on_epoch(epoch)
-    return ls.finish()
+    results = ls.finish()
+    path = ("cuda graph" if ls._graph is not None else
+            f"eager (graph capture failed: {ls.graph_error})" if ls.graph_error else
+            "static" if ls.graphs == "static" else "eager")
+    for r in results:
+        r.step_path = path
+    return results

@@ -104,6 +104,8 @@ def _strip(cfg) -> str:
 _SEEDS: ContextVar[tuple] = ContextVar("mexp_seed_batch", default=())
 _GROUP: ContextVar[tuple] = ContextVar("mexp_trial_group", default=())
 _KEPT: dict = {}            # (config without its seed, seed, k, fold ids) -> FoldOutput
+STEP_PATHS: list = []       # how each vectorised fit ran its steps (cuda graph, eager, ...);
+                            # `run_folds` clears it and tags the run with it
 
 
 def _config_key(cfg) -> str:
@@ -184,6 +186,8 @@ def _train(f, jobs: list, device, chunk: int):
                               f.to_input, f.augment_kind or None, device,
                               on_epoch=lambda e: bar.update(1))
         bar.close()
+        if results:
+            STEP_PATHS.append(results[0].step_path)
         for (b, _, s, k, fold), rep, res in zip(part, reps, results):
             fit = FitResult(res.history, res.best_epoch, res.selected_on, res.state)
             example = f.to_input(f.x[rep.test_idx[:1]]).cpu().numpy()

@@ -316,8 +316,9 @@ class StackedOptimizer:
             exp_avg_sq = st["exp_avg_sq"].mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
             denom = (exp_avg_sq.sqrt() / sc[2].reshape(bshape)).add_(self.eps)
             new_p = torch.addcdiv(new_p, sc[1].reshape(bshape) * exp_avg, denom)
-            st["exp_avg"] = torch.where(a, exp_avg, st["exp_avg"])
-            st["exp_avg_sq"] = torch.where(a, exp_avg_sq, st["exp_avg_sq"])
+            # in place, so a CUDA graph of the step keeps its addresses
+            st["exp_avg"].copy_(torch.where(a, exp_avg, st["exp_avg"]))
+            st["exp_avg_sq"].copy_(torch.where(a, exp_avg_sq, st["exp_avg_sq"]))
         else:   # sgd, momentum 0.9, dampening 0, no nesterov
             if self.uniform_wd:
                 if self.wd[0] != 0:
@@ -330,7 +331,7 @@ class StackedOptimizer:
                 new_p = p.add(buf, alpha=-float(self.lr[0]))
             else:
                 new_p = p + self.neg_lr_t.reshape(bshape) * buf
-            st["buf"] = torch.where(a, buf, st["buf"])
+            st["buf"].copy_(torch.where(a, buf, st["buf"]))
         p.copy_(torch.where(a, new_p, p))
 
 

@@ -28,7 +28,7 @@ from mexp.config import Config
 from mexp.data.datasets import load_dataset
 from mexp.data.inputs import check_channels, images
 from mexp.data.paths import safe_name
-from mexp.engine.batching import choose
+from mexp.engine.batching import STEP_PATHS, choose
 from mexp.engine.crossval import FoldOutput, predictions_table, run_plan
 from mexp.engine.metrics import breakdown, confusion, scores
 from mexp.engine.nested import NestedFolds
@@ -163,6 +163,7 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     _kill_stale_fold_runs(parent)          # a resumed run's in-flight folds died with it
     dev = resolve_device(device)
     batched, why = choose(batching, fold_fn, dev)
+    STEP_PATHS.clear()
     path = f"batched on {dev.type}" if batched else (f"{workers} fold processes" if workers > 1
                                                      else "serial")
     if hasattr(fold_fn, "prepare") and workers <= 1 and not oracle:
@@ -180,6 +181,8 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     results = run_plan(plan, table, len(classes), fold_fn, FoldLogger(parent, stage, classes, out_dir),
                        done, on_fold=on_fold, oracle=oracle, workers=workers, desc=f"{stage} folds",
                        batched_on=dev if batched else None)
+    if STEP_PATHS:      # how the vectorised steps ran: a CUDA graph, or eagerly (and why)
+        mlflow.set_tag(T + "fold_steps", ", ".join(dict.fromkeys(STEP_PATHS)))
     return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")
 
 
