@@ -74,8 +74,10 @@ class GPUSampler(threading.Thread):
 class Phases:
     """Where a run's wall time went: vectorised training (`fit_batched`, the device synchronised
     at its end), nested selection's `prepare` (batched nets and the closed-form members' worker
-    processes), and waiting for the fold runs to be logged after the loop (`FoldLogger.drain`);
-    the rest is start-up, data, serial training, the pooled metrics and plots."""
+    processes), waiting for the fold runs to be logged after the loop (`FoldLogger.drain`),
+    loading the data set (`load_dataset`), logging the dataset input and fold plan (`log_plan`)
+    and the pooled metrics, plots and files (`summarise`); the rest is start-up, the device's
+    first use, the leak checks, serial training."""
 
     def __init__(self):
         self.t: dict[str, float] = {}
@@ -83,12 +85,14 @@ class Phases:
     def __enter__(self):
         from mexp.engine import batching, nested
         from mexp.tracking import folds
+        names = {"fit_batched": "train", "prepare": "prepare", "drain": "log wait",
+                 "load_dataset": "data", "log_plan": "plan log", "summarise": "summary"}
         self.patched = [(batching, "fit_batched"), (nested.NestedFolds, "prepare"),
-                        (folds.FoldLogger, "drain")]
+                        (folds.FoldLogger, "drain"), (folds, "load_dataset"),
+                        (folds, "log_plan"), (folds, "summarise")]
         self.saved = [getattr(o, n) for o, n in self.patched]
         for (o, n), f in zip(self.patched, self.saved):
-            setattr(o, n, self.timed({"fit_batched": "train", "prepare": "prepare",
-                                      "drain": "log wait"}[n], f))
+            setattr(o, n, self.timed(names[n], f))
         return self
 
     def timed(self, key, f):

@@ -5,7 +5,8 @@
 # only while its limit fits in the ~9.5 minutes left of the device's 10-minute command limit,
 # most telling first; prints each step's summary lines, keeps each step's full log under $OUT.
 #   run: bash bench/gpu_round.sh        (carry: [".whl", "data"])
-# Steps: the CUDA-graph tests; MEGC2019 one seed batched (the step as a CUDA graph) and
+# Prepare with bench/gpu_wheels.sh. Steps: the CUDA-graph tests; the step's cost eager /
+# static / as a CUDA graph (step_overhead.py); MEGC2019 one seed batched (the step as a CUDA graph) and
 # batched-eager (without it); three seeds batched; serial (the baseline on this card); nested
 # selection; the demo pipeline. Next, with device time left: python3 bench/trial_groups.py
 # --device cuda (HPO trial groups).
@@ -24,6 +25,7 @@ step() { local name=$1 t=$2; shift 2; local now=$(( $(date +%s) - T0 ))
   grep -E "^\||^RESULT|^stages|^phase|passed|failed|Traceback|Error" "$LOGS/$name.log" | tail -25; }
 step graph_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py -k "cuda_graph or static_step"
 cd bench
+step overhead 45 python3 step_overhead.py --device cuda
 step batched1 60 python3 fold_batching.py --device cuda --paths batched --seeds 1 --workdir /tmp/fb1
 step eager1 60 python3 fold_batching.py --device cuda --paths batched-eager --seeds 1 --workdir /tmp/fbe
 step batched3 80 python3 fold_batching.py --device cuda --paths batched --seeds 3 --workdir /tmp/fb3

@@ -101,6 +101,7 @@ class OutputConfig:
 class TrackingConfig:
     experiment: str = "mexp"
     uri: str = ""                    # empty: MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    log_workers: int = _neutral(0)   # processes logging a batched run's fold runs; 0: auto
 
 
 @dataclass
@@ -267,6 +268,7 @@ def _check_numbers(flat: dict) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]}")
     for key in ("model.num_classes", "training.epochs", "training.weight_decay", "training.early_stopping",
                 "training.num_threads", "training.fold_workers", "flow.workers", "hpo.timeout",
+                "tracking.log_workers",
                 "synth.noise", "synth.jitter", "synth.amplitude_jitter", "synth.illumination"):
         if flat[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {flat[key]}")

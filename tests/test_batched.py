@@ -246,7 +246,8 @@ def test_augmented_run_trains_and_is_reproducible():
 def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp_path):
     """train_cnn on four real MEGC2019 subjects (LOSO, STSTNet) with fold batching on and off:
     without augmentation and dropout every fold's test probabilities agree, the run says which
-    path it took, and `mexp.evaluate` reproduces the batched run's metrics."""
+    path it took, and `mexp.evaluate` reproduces the batched run's metrics (its fold runs
+    logged by two worker processes)."""
     from pathlib import Path
 
     import pandas as pd
@@ -265,11 +266,17 @@ def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp
             cfg = load_config(root / "configs/megc2019_flow.yaml", [
                 f"data.root={data_root}", "repeats=1", "training.epochs=3", "output.local=false",
                 "training.fold_workers=1", "training.device=cpu", "data.augmentation=false",
-                "model.dropout=0", f"training.fold_batching={mode}"])
+                "model.dropout=0", f"training.fold_batching={mode}",
+                f"tracking.log_workers={2 if mode == 'on' else 0}"])   # on: logged by processes
             s = train_cnn.main(cfg)
             client = MlflowClient()
             tags = client.get_run(s["run_id"]).data.tags
             assert tags["mexp.fold_path"] == ("batched on cpu" if mode == "on" else "serial")
+            assert tags["mexp.fold_logging"] == ("2 processes" if mode == "on" else "a thread")
+            assert tags.get("mexp.fold_steps") == ("eager" if mode == "on" else None)
+            folds = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{s['run_id']}'")
+            assert len(folds) == 4 and {f.info.status for f in folds} == {"FINISHED"}
             got[mode] = pd.read_csv(client.download_artifacts(
                 s["run_id"], "predictions.csv", str(tmp_path / mode))).sort_values("sample_id")
             report, bad = evaluation.evaluate(s["run_id"])

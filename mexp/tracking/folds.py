@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -66,20 +68,63 @@ def _kill_stale_fold_runs(parent_id: str) -> None:
         log.info("marked %d stale run(s) under %s KILLED", n, parent_id)
 
 
-class FoldLogger:
-    """Logs each finished fold in a background thread (MLflow client calls with explicit run
-    ids, so no fluent state crosses threads) while the next fold trains. `drain()` waits for
-    everything and re-raises a logging error."""
+def log_workers(setting: int, batched: bool) -> int:
+    """Processes that log the fold runs (`tracking.log_workers`; 0: auto). Logging a fold is
+    ~70-110 ms of Python in MLflow's client and store, one thread at a time under the GIL, so
+    a batched run, whose folds all finish at once, logs them in processes on a machine with
+    cores to spare (up to 4, leaving 2); otherwise one thread beside the training."""
+    if setting:
+        return int(setting)
+    cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus - 2)) if batched and cpus >= 4 else 1
 
-    def __init__(self, parent_id: str, stage: str, classes, out_dir: Path | None):
+
+class FoldLogger:
+    """Logs each finished fold in the background (MLflow client calls with explicit run ids,
+    so no fluent state crosses threads) while the next fold trains: in one thread, or with
+    `processes` > 1 in that many worker processes (each its own client on the same tracking
+    URI). `drain()` waits for everything and re-raises a logging error."""
+
+    def __init__(self, parent_id: str, stage: str, classes, out_dir: Path | None,
+                 processes: int = 1, experiment_id: str | None = None):
         self.client, self.parent, self.stage = MlflowClient(), parent_id, stage
-        self.exp = self.client.get_run(parent_id).info.experiment_id
+        self.exp = experiment_id or self.client.get_run(parent_id).info.experiment_id
         self.classes, self.out_dir = list(classes), out_dir
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fold-logger")
+        self.processes, self._starting = processes, None
+        if processes > 1:       # the processes start (seconds: imports) while the folds train
+            self.pool = None
+            self._starting = threading.Thread(target=self._start, args=(mlflow.get_tracking_uri(),),
+                                              name="fold-logger-start", daemon=True)
+            self._starting.start()
+        else:       # 0: inside a worker process, which logs in its own thread
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="fold-logger") if processes else None
         self.pending: dict[str, Future] = {}
 
+    def _start(self, uri: str) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["mexp.tracking.folds"])
+        # the environment as it is now (credentials of the tracking server and artifact
+        # store): the fork server may have started earlier, with another
+        self.pool = ProcessPoolExecutor(self.processes, mp_context=ctx,
+                                        initializer=_log_worker_init,
+                                        initargs=(uri, dict(os.environ)))
+        for _ in range(self.processes):
+            self.pool.submit(_log_worker_ready)
+
+    def _started(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+            if self.pool is None:
+                raise RuntimeError("the fold-logging processes did not start")
+
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
-        self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
+        self._started()
+        if self.processes > 1:
+            spec = (self.parent, self.stage, tuple(self.classes), self.out_dir, self.exp)
+            self.pending[fold.name] = self.pool.submit(_log_in_worker, spec, fold, out, labels)
+        else:
+            self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
 
     def check(self) -> None:
         """Re-raise the first logging error now (a lost tracking server), not after every
@@ -93,7 +138,10 @@ class FoldLogger:
         return {name: f.result() for name, f in self.pending.items()}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self._starting is not None:
+            self._starting.join()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
     def _log(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
         """Fold run (per-epoch metrics, scores, confusion matrix, weights, log), then the
@@ -140,17 +188,45 @@ class FoldLogger:
         return result
 
 
+_WORKER_LOGGERS: dict[tuple, FoldLogger] = {}
+
+
+def _log_worker_init(uri: str, env: dict) -> None:
+    """A fold-logging process: the parent's environment and tracking store, one torch
+    thread."""
+    os.environ.clear()
+    os.environ.update(env)
+    mlflow.set_tracking_uri(uri)
+    torch.set_num_threads(1)
+
+
+def _log_worker_ready() -> None:
+    """Nothing: submitted once per worker so that the pool starts them all at once."""
+
+
+def _log_in_worker(spec: tuple, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
+    """`FoldLogger._log` in a worker process, with one logger per stage run there."""
+    lg = _WORKER_LOGGERS.get(spec)
+    if lg is None:
+        parent, stage, classes, out_dir, exp = spec
+        lg = _WORKER_LOGGERS[spec] = FoldLogger(parent, stage, classes, out_dir, processes=0,
+                                                experiment_id=exp)
+    return lg._log(fold, out, labels)
+
+
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
               fold_fn: Callable[[int, Fold], FoldOutput], out_dir: Path | None = None,
               on_fold: Callable[[int, dict], None] | None = None, oracle: bool = False,
-              workers: int = 1, batching: str = "off", device: str = "auto") -> dict:
+              workers: int = 1, batching: str = "off", device: str = "auto",
+              logging_processes: int = 0) -> dict:
     """Run (or resume) every fold of `plan` under the active parent run, then log the pooled
     predictions, metrics and plots. `on_fold(k, running_scores)` is called after each fold
     in plan order (HPO reports and prunes there). `oracle=True` selects epochs on the test
     fold, as some papers do: the run is tagged and its metrics are logged as oracle/*.
     `workers > 1` trains that many folds at once in worker processes (`mexp.engine.pool`);
     `batching` (training.fold_batching) may train them as one vectorised model instead
-    (`mexp.engine.batched`). The run's tag `mexp.fold_path` says which path was taken, and why."""
+    (`mexp.engine.batched`). The run's tag `mexp.fold_path` says which path was taken, and why.
+    `logging_processes` is `tracking.log_workers` (`log_workers`)."""
     parent = mlflow.active_run().info.run_id
     check_plan(plan, table["sample_id"])        # safeguard: no subject/database on two sides
     if oracle:
@@ -166,20 +242,31 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     STEP_PATHS.clear()
     path = f"batched on {dev.type}" if batched else (f"{workers} fold processes" if workers > 1
                                                      else "serial")
+    # made before training, so that its processes start meanwhile; batched folds (nested
+    # selection's too, on CUDA) all finish at once and wait for it
+    burst = batched or (hasattr(fold_fn, "prepare") and dev.type == "cuda")
+    recorder = FoldLogger(parent, stage, classes, out_dir,
+                          processes=log_workers(logging_processes, burst))
     if hasattr(fold_fn, "prepare") and workers <= 1 and not oracle:
         todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
         # the CPU cores are idle beside the GPU: closed-form members fit there meanwhile,
         # leaving two for the process that drives the device
         cpus = max(1, (os.cpu_count() or 1) - 2) if dev.type == "cuda" else 1
-        names = fold_fn.prepare(todo, cpus)  # nested: outer x inner folds as one model
+        try:
+            names = fold_fn.prepare(todo, cpus)  # nested: outer x inner folds as one model
+        except BaseException:
+            recorder.close()
+            raise
         if names:
             path, why = f"nested, batched on {dev.type}", (
                 f"candidates {names}: every outer fold's inner folds and refit as one "
                 f"vectorised model per candidate")
-    mlflow.set_tags({T + "fold_path": path, T + "fold_path_why": why})
+    n = recorder.processes
+    mlflow.set_tags({T + "fold_path": path, T + "fold_path_why": why,
+                     T + "fold_logging": f"{n} processes" if n > 1 else "a thread"})
     log.info("folds: %s (%s)", path, why)
-    results = run_plan(plan, table, len(classes), fold_fn, FoldLogger(parent, stage, classes, out_dir),
-                       done, on_fold=on_fold, oracle=oracle, workers=workers, desc=f"{stage} folds",
+    results = run_plan(plan, table, len(classes), fold_fn, recorder, done, on_fold=on_fold,
+                       oracle=oracle, workers=workers, desc=f"{stage} folds",
                        batched_on=dev if batched else None)
     if STEP_PATHS:      # how the vectorised steps ran: a CUDA graph, or eagerly (and why)
         mlflow.set_tag(T + "fold_steps", ", ".join(dict.fromkeys(STEP_PATHS)))
@@ -240,7 +327,7 @@ def cross_validate(cfg: Config, stage: str, run, plan: FoldPlan, table, digest: 
     summary = run_folds(plan, table.assign(subject=table["group"]), classes, stage, fold_fn,
                         out_dir(cfg), oracle=cfg.evaluation.oracle,
                         workers=fold_workers(cfg), batching=cfg.training.fold_batching,
-                        device=cfg.training.device)
+                        device=cfg.training.device, logging_processes=cfg.tracking.log_workers)
     summary["run_id"] = run.info.run_id
     return summary
 
