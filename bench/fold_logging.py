@@ -4,9 +4,14 @@ run trains all its folds at once and then logs them one after another, so this i
 its wall time (68 folds for MEGC2019).
 
     python bench/fold_logging.py [--folds 20] [--epochs 40] [--workdir /tmp/mexp-fold-logging]
+                                 [--processes 1,2,4]
 
 An STSTNet fold (6 test samples, 40 epochs of history) into a local SQLite store; prints the
-mean seconds per fold and the top of a cProfile by cumulative time.
+mean seconds per fold and the top of a cProfile by cumulative time. With `--processes`, the
+folds are instead handed to `FoldLogger` all at once, as a batched run does, logged by one
+thread (1) or N worker processes (`tracking.log_workers`), and the wall time per fold until
+all are logged is printed for each (the processes started and warm first, as they are while
+a run's folds train).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--workdir", default="")
+    ap.add_argument("--processes", default="")
     a = ap.parse_args()
     workdir(a.workdir, "mexp-fold-logging-")
     import mlflow
@@ -51,6 +57,8 @@ def main() -> None:
                              FitResult(history, a.epochs, "final", model.state_dict()), train,
                              [], np.zeros((1, 3, 28, 28), np.float32))
             logger._log(fold, out, np.array([0, 1, 2, 0, 1, 2]))
+        if a.processes:
+            return burst(run.info.run_id, model, history, train, a)
         one(0)                                     # warm: imports, the store's first writes
         prof, t = cProfile.Profile(), time.perf_counter()
         prof.enable()
@@ -63,6 +71,39 @@ def main() -> None:
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(12)
     print("\n".join(s.getvalue().splitlines()[:30]))
     print(f"{per:.3f} s per fold run ({a.folds} folds, {a.epochs} epochs of history)")
+
+
+def burst(parent: str, model, history, train, a) -> None:
+    """Every fold submitted at once, through each number of logging processes."""
+    from mexp.engine.crossval import FoldOutput
+    from mexp.engine.plans import Fold
+    from mexp.engine.training import FitResult
+    from mexp.tracking.folds import FoldLogger
+    rows = []
+    for n in [int(v) for v in a.processes.split(",")]:
+        logger = FoldLogger(parent, "train_cnn", ["negative", "positive", "surprise"], None,
+                            processes=n)
+        outs = []
+        for i in range(a.folds):
+            test = [f"p{n}_{i}_{j}" for j in range(6)]
+            outs.append((Fold(f"p{n}s{i}", [f"p{n}s{i}"], ["x"], [], test, train, []),
+                         FoldOutput(test, np.random.default_rng(i).dirichlet(np.ones(3), 6),
+                                    FitResult(history, a.epochs, "final", model.state_dict()),
+                                    train, [], np.zeros((1, 3, 28, 28), np.float32))))
+        logger.submit(*outs[0][:2], np.array([0, 1, 2, 0, 1, 2]))     # warm: workers' imports
+        logger.drain()
+        logger.pending.clear()
+        t = time.perf_counter()
+        for fold, out in outs[1:]:
+            logger.submit(fold, out, np.array([0, 1, 2, 0, 1, 2]))
+        logger.drain()
+        per = (time.perf_counter() - t) / (a.folds - 1)
+        logger.close()
+        rows.append((n, per))
+        print(f"{n} {'processes' if n > 1 else 'thread'}: {per * 1e3:.0f} ms per fold", flush=True)
+    print("| logged by | ms per fold (all submitted at once) |\n|---|---|")
+    for n, per in rows:
+        print(f"| {f'{n} processes' if n > 1 else 'one thread'} | {per * 1e3:.0f} |")
 
 
 if __name__ == "__main__":
