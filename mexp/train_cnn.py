@@ -53,8 +53,7 @@ def make_fold_fn(cfg: Config, cs: ClipSet, clips: np.ndarray) -> RowFolds:
         x = np.concatenate([stage1_frames(clips, cs.apex, "all")[0], apex])
         y = np.concatenate([np.repeat(cs.labels, t), cs.labels])
         row_ids, rows = np.concatenate([np.repeat(ids, t), ids]), partial(frame_rows, cs, t)
-    return RowFolds(cfg, make_model, x, y, row_ids, rows, images_to_tensor, augment,
-                    kind if augment else "")
+    return RowFolds(cfg, make_model, x, y, row_ids, rows, images_to_tensor, augment, kind)
 
 
 def frame_rows(cs: ClipSet, t: int, fold: Fold) -> tuple:

@@ -26,7 +26,7 @@ def make_fold_fn(cfg: Config, cs, clips) -> RowFolds:
     ids = cs.table["sample_id"].to_numpy()
     spec = model_spec(cfg, "cnn_lstm", num_classes=len(cs.classes), input_channels=clips.shape[-1])
     return RowFolds(cfg, partial(build_model, spec), clips, cs.labels, ids,
-                    partial(_rows, cs), clips_to_tensor, augment, "frames" if augment else "")
+                    partial(_rows, cs), clips_to_tensor, augment, "frames")
 
 
 def _rows(cs, fold: Fold) -> tuple:

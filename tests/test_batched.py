@@ -505,3 +505,23 @@ def test_cuda_graph_replays_the_eager_steps(kw):
     assert {r.step_path for r in out["auto"]} == {"cuda graph"}
     worst = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(out["auto"], out[None]))
     assert worst < 1e-4, worst
+
+
+def test_augmentation_on_or_off_per_replica():
+    """`Replica.augment`: in one fit, a replica without augmentation trains as in a fit without
+    any (it draws no augmentation numbers), and one with it as in a fit where all augment."""
+    x, y = data(70)
+    reps = replicas(70, False)
+    cfg = tcfg(epochs=3)
+    mixed = [fb.Replica(r.train_idx, r.val_idx, r.test_idx, r.seed, augment=bool(i % 2))
+             for i, r in enumerate(reps)]
+    got = fb.fit_batched(TinyNet, x, y, mixed, cfg, 3, images_to_tensor, augment="frames",
+                         device="cpu")
+    plain = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor, device="cpu")
+    augmented = fb.fit_batched(TinyNet, x, y, reps, cfg, 3, images_to_tensor,
+                               augment="frames", device="cpu")
+    for i, g in enumerate(got):
+        want = augmented[i] if i % 2 else plain[i]
+        other = plain[i] if i % 2 else augmented[i]
+        assert np.abs(g.probs - want.probs).max() < TOL
+        assert np.abs(g.probs - other.probs).max() > 1e-3      # augmentation did change it

@@ -1,5 +1,6 @@
 """HPO trial groups as one vectorised model (#15, `hpo.trial_batch`): the trials of a group
-whose configs differ only in learning rate, weight decay or class weighting train every fold
+whose configs differ only in learning rate, weight decay, class weighting or augmentation on
+or off train every fold
 together (per-replica hyperparameters), and each trial still gets its run, folds and value,
 equal to its stage run alone. On four real MEGC2019 subjects, STSTNet, 2 epochs."""
 from __future__ import annotations
@@ -62,9 +63,12 @@ def test_only_per_replica_hyperparameters_join_a_group(subset):
     cfg = _cfg(subset)
     lr, drop = _cfg(subset, "training.lr=0.01", "training.class_weighted=false"), _cfg(
         subset, "model.dropout=0.3")
-    with batching.trial_group([cfg, lr, drop]):
+    aug = _cfg(subset, "data.augmentation=true")
+    with batching.trial_group([cfg, lr, drop, aug]):
         members = batching._group_members(cfg)
-    assert [hp for _, hp in members] == [{"lr": 0.01, "weight_decay": cfg.training.weight_decay,
-                                          "class_weighted": False}]
+    own = {"lr": cfg.training.lr, "weight_decay": cfg.training.weight_decay,
+           "class_weighted": cfg.training.class_weighted, "augment": False}
+    assert [hp for _, hp in members] == [{**own, "lr": 0.01, "class_weighted": False},
+                                         {**own, "augment": True}]
     with pytest.raises(ConfigError, match="hpo.trial_batch"):
         _cfg(subset, "hpo.trial_batch=0")

@@ -23,8 +23,10 @@ back once per epoch. Per replica the semantics are `mexp.engine.training.fit` + 
   and recomputes BatchNorm statistics over the replica's training rows in their order.
 Differences from the serial loop: augmentation runs on the device (each replica's own rng,
 `make_augment`'s distribution, another stream) and dropout draws per replica, so with either
-the two paths differ within seed noise. Per-replica lr / weight decay (`Replica.lr`,
-`.weight_decay`) let a group of HPO trials or inner folds train as one batch.
+the two paths differ within seed noise. Per-replica lr, weight decay, class weighting and
+augmentation on or off (`Replica.lr`, `.weight_decay`, `.class_weighted`, `.augment`; a replica
+without augmentation draws no augmentation numbers, as its serial fit) let a group of HPO
+trials or inner folds train as one batch.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Replica:
     lr: float | None = None                 # None: tcfg.lr
     weight_decay: float | None = None       # None: tcfg.weight_decay
     class_weighted: bool | None = None      # None: tcfg.class_weighted
+    augment: bool | None = None             # None: as the fit's `augment` (on when given)
     name: str = ""
 
 
@@ -169,6 +172,11 @@ class Lockstep:
 
     def _settings(self, replicas) -> None:
         t, C = self.tcfg, self.num_classes
+        # who augments: the fit's augmentation, unless a replica says otherwise
+        self.rep_aug = np.array([self.aug is not None and rep.augment is not False
+                                 for rep in replicas], bool)
+        if self.aug is not None and not self.rep_aug.any():
+            self.aug = None
         self.tr = [as_index(rep.train_idx) for rep in replicas]
         self.va = [as_index(rep.val_idx) for rep in replicas]
         self.te = [as_index(rep.test_idx) for rep in replicas]
@@ -253,7 +261,8 @@ class Lockstep:
         for r in live:
             n, st = len(tr[r]), int(steps[r])
             order = self.rngs[r].permutation(n)
-            if self.aug is not None:
+            aug = self.rep_aug[r]
+            if aug:
                 fl, sh = draw_augment(self.rngs[r], n, self.aug.max_shift)
             if not st:
                 continue
@@ -267,7 +276,7 @@ class Lockstep:
             idx[:st, r] = np.where(ok, tr[r][np.minimum(srt, n - 1)], 0)
             msk[:st, r] = ok
             active[:st, r] = (k >= 2) | ((k == 1) & (not self.has_bn))
-            if self.aug is not None:                      # each sample keeps its draw
+            if aug:                                       # each sample keeps its draw
                 pos = np.minimum(np.arange(st)[:, None] * bs + j, n - 1)
                 flip[:st, r] = ok & fl[pos]
                 shift[:st, r] = np.where(ok[..., None], sh[pos], 0)

@@ -59,7 +59,8 @@ def seed_batch(seeds):
 def trial_group(configs):
     """Within: a batched cross-validation also trains the replicas of the same folds for the
     other `configs` (a group of HPO trials, `hpo.trial_batch`) that differ from its own only in
-    per-replica hyperparameters (`PER_REPLICA`: learning rate, weight decay, class weighting),
+    per-replica hyperparameters (`PER_REPLICA`: learning rate, weight decay, class weighting,
+    augmentation on or off),
     in the same vectorised model, and keeps their outputs until those trials' stages ask for
     them. Each replica's seed is its fold's, as when its trial trains alone; a trial whose
     config differs in anything else trains its own model when its turn comes."""
@@ -71,11 +72,19 @@ def trial_group(configs):
         _KEPT.clear()
 
 
-PER_REPLICA = ("lr", "weight_decay", "class_weighted")     # training.* keys a Replica carries
+# config key -> the `Replica` field that carries it: what the replicas of one model may differ in
+PER_REPLICA = {"training.lr": "lr", "training.weight_decay": "weight_decay",
+               "training.class_weighted": "class_weighted", "data.augmentation": "augment"}
+
+
+def _get(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _hyper(cfg) -> dict:
-    return {k: getattr(cfg.training, k) for k in PER_REPLICA}
+    """`cfg`'s per-replica hyperparameters as `Replica` keyword arguments."""
+    return {field: _get(cfg, key) for key, field in PER_REPLICA.items()}
 
 
 def _group_members(cfg) -> list[tuple[str, dict]]:
@@ -84,19 +93,21 @@ def _group_members(cfg) -> list[tuple[str, dict]]:
     their values, so a stage's own changes to its config carry over)."""
     own, out = _config_key(cfg), []
     for g in _GROUP.get():
-        hp = _hyper(g)
         probe = copy.deepcopy(cfg)
-        for k, v in hp.items():
-            setattr(probe.training, k, v)
+        for key in PER_REPLICA:
+            section, name = key.split(".")
+            setattr(getattr(probe, section), name, _get(g, key))
         if _strip(probe) == _strip(g) and _config_key(probe) != own:
-            out.append((_config_key(probe), hp))
+            out.append((_config_key(probe), _hyper(g)))
     return out
 
 
 def _strip(cfg) -> str:
     """The config without the per-replica hyperparameters, its seed or where outputs go."""
     d = cfg.to_dict()
-    d["training"] = {k: v for k, v in d["training"].items() if k not in PER_REPLICA + ("seed",)}
+    for key in [*PER_REPLICA, "training.seed"]:
+        section, name = key.split(".")
+        d[section] = {k: v for k, v in d[section].items() if k != name}
     d.pop("output", None)
     return json.dumps(d, sort_keys=True, default=str)
 
@@ -171,12 +182,14 @@ def _train(f, jobs: list, device, chunk: int):
     from mexp.engine.training import FitResult
     from mexp.util.progress import progress
     num_classes = f.make_model().num_classes
+    own_aug = f.augment is not None         # the stage's own config; a trial's may differ
     for start in range(0, len(jobs), chunk):
         part = jobs[start:start + chunk]
         reps = []
         for _, hp, s, k, fold in part:
             tr, va, te = (np.asarray(i, np.int64) for i in f.rows(fold))
-            reps.append(Replica(tr, va, te, seed=s + k, name=fold.name, **hp))
+            reps.append(Replica(tr, va, te, seed=s + k, name=fold.name,
+                                **{"augment": own_aug, **hp}))
         seeds, trials = len({j[2] for j in part}), len({j[0] for j in part})
         bar = progress(total=f.cfg.training.epochs, unit="ep", leave=False,
                        desc=f"{len(part)} folds batched" + (f" ({seeds} seeds)" if seeds > 1

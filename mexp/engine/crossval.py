@@ -127,7 +127,8 @@ class RowFolds:
     rows: Callable[[Fold], tuple]           # fold -> (train, val, test) row indices
     to_input: Callable
     augment: Callable | None = None
-    augment_kind: str = ""                  # flow | frames: what augment does, for the device
+    augment_kind: str = ""                  # flow | frames: what augmentation is for these
+                                            # rows on the device (also when it is off)
 
     def __call__(self, k: int, fold: Fold) -> FoldOutput:
         return fit_rows(self.cfg, k, fold, self.make_model, self.x, self.y, self.ids,
