@@ -525,3 +525,16 @@ def test_augmentation_on_or_off_per_replica():
         other = plain[i] if i % 2 else augmented[i]
         assert np.abs(g.probs - want.probs).max() < TOL
         assert np.abs(g.probs - other.probs).max() > 1e-3      # augmentation did change it
+
+
+def test_fold_logging_processes_auto(monkeypatch):
+    """`tracking.log_workers: 0` logs a batched run's folds in up to 4 processes, leaving 2
+    cores, on machines with 4 or more; one thread otherwise; a number is taken as given."""
+    import os
+
+    from mexp.tracking.folds import log_workers
+    for cpus, batched, want in ((16, True, 4), (16, False, 1), (5, True, 3), (4, True, 2),
+                                (2, True, 1), (None, True, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
+        assert log_workers(0, batched) == want, (cpus, batched)
+    assert log_workers(3, False) == 3 and log_workers(1, True) == 1

@@ -45,7 +45,9 @@ def test_typo_in_yaml_file_names_the_file(tmp_path):
                                       ("data.augmentation=maybe", "data.augmentation"),
                                       ("training.epochs=2.5", "training.epochs"),
                                       ("training.cv_method=KFold", "training.cv_method"),
-                                      ("data.image_size=0", "data.image_size")])
+                                      ("data.image_size=0", "data.image_size"),
+                                      ("tracking.log_workers=-1", "tracking.log_workers"),
+                                      ("training.cuda_graphs=sometimes", "training.cuda_graphs")])
 def test_bad_values_name_the_key(item, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [item])
