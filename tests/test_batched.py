@@ -264,7 +264,8 @@ def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp
     with store_at(tmp_path):
         for mode in ("off", "on"):
             cfg = load_config(root / "configs/megc2019_flow.yaml", [
-                f"data.root={data_root}", "repeats=1", "training.epochs=3", "output.local=false",
+                f"data.root={data_root}", "repeats=1", "training.epochs=3",
+                f"output.local={mode == 'on'}", f"output.dir={tmp_path / 'out'}",
                 "training.fold_workers=1", "training.device=cpu", "data.augmentation=false",
                 "model.dropout=0", f"training.fold_batching={mode}",
                 f"tracking.log_workers={2 if mode == 'on' else 0}"])   # on: logged by processes
@@ -277,6 +278,8 @@ def test_a_stage_trains_its_folds_batched_as_it_does_one_by_one(shared_data, tmp
             folds = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
                                        f"tags.mlflow.parentRunId = '{s['run_id']}'")
             assert len(folds) == 4 and {f.info.status for f in folds} == {"FINISHED"}
+            if mode == "on":        # the processes wrote each fold's local files too
+                assert len(list((tmp_path / "out").glob("fold_*/best_model.pth"))) == 4
             got[mode] = pd.read_csv(client.download_artifacts(
                 s["run_id"], "predictions.csv", str(tmp_path / mode))).sort_values("sample_id")
             report, bad = evaluation.evaluate(s["run_id"])

@@ -121,7 +121,8 @@ class FoldLogger:
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
         self._started()
         if self.processes > 1:
-            spec = (self.parent, self.stage, tuple(self.classes), self.out_dir, self.exp)
+            out_dir = None if self.out_dir is None else Path(self.out_dir).absolute()
+            spec = (self.parent, self.stage, tuple(self.classes), out_dir, self.exp)
             self.pending[fold.name] = self.pool.submit(_log_in_worker, spec, fold, out, labels)
         else:
             self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
