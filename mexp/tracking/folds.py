@@ -90,7 +90,7 @@ class FoldLogger:
         self.client, self.parent, self.stage = MlflowClient(), parent_id, stage
         self.exp = experiment_id or self.client.get_run(parent_id).info.experiment_id
         self.classes, self.out_dir = list(classes), out_dir
-        self.processes, self._starting = processes, None
+        self.processes, self._starting, self._start_error = processes, None, None
         if processes > 1:       # the processes start (seconds: imports) while the folds train
             self.pool = None
             self._starting = threading.Thread(target=self._start, args=(mlflow.get_tracking_uri(),),
@@ -101,22 +101,28 @@ class FoldLogger:
         self.pending: dict[str, Future] = {}
 
     def _start(self, uri: str) -> None:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["mexp.tracking.folds"])
-        # the environment as it is now (credentials of the tracking server and artifact
-        # store): the fork server may have started earlier, with another
-        self.pool = ProcessPoolExecutor(self.processes, mp_context=ctx,
-                                        initializer=_log_worker_init,
-                                        initargs=(uri, dict(os.environ)))
-        for _ in range(self.processes):
-            self.pool.submit(_log_worker_ready)
+        try:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["mexp.tracking.folds"])
+            # the environment as it is now (credentials of the tracking server and artifact
+            # store): the fork server may have started earlier, with another
+            pool = ProcessPoolExecutor(self.processes, mp_context=ctx,
+                                       initializer=_log_worker_init,
+                                       initargs=(uri, dict(os.environ)))
+            for _ in range(self.processes):
+                pool.submit(_log_worker_ready)
+            self.pool = pool
+        except BaseException as e:          # raised where the first fold is submitted
+            self._start_error = e
 
     def _started(self) -> None:
         if self._starting is not None:
             self._starting.join()
             self._starting = None
             if self.pool is None:
-                raise RuntimeError("the fold-logging processes did not start")
+                raise RuntimeError("the fold-logging processes did not start "
+                                   "(tracking.log_workers=1 logs in a thread)"
+                                   ) from self._start_error
 
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
         self._started()
