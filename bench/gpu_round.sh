@@ -14,23 +14,27 @@ set -u
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-/tmp/gpu_round}; mkdir -p "$LOGS"
 T0=$(date +%s); BUDGET=${BUDGET:-565}
-if [ -d .whl ]; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+# a dry run of the script on a CPU box (no wheels installed):
+#   DEVICE=cpu EPOCHS=1 BUDGET=1800 PYTHON=$PWD/.venv/bin/python bash bench/gpu_round.sh
+DEV=${DEVICE:-cuda}; EP=${EPOCHS:+--epochs $EPOCHS}
+PY=${PYTHON:-python3}
+if [ -d .whl ] && [ "$DEV" = cuda ]; then pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD MEXP_DATA=${MEXP_DATA:-$PWD/data} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-nproc; python3 -c "import torch, mlflow; print('torch', torch.__version__, 'mlflow', mlflow.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nproc; $PY -c "import torch, mlflow; print('torch', torch.__version__, 'mlflow', mlflow.__version__)"
 step() { local name=$1 t=$2; shift 2; local now=$(( $(date +%s) - T0 ))
   if [ $(( now + t )) -gt "$BUDGET" ]; then echo "== $name: skipped (${t}s limit, ${now}s gone)"; return; fi
   echo "== $name: $* (limit ${t}s, at ${now}s)"
   timeout "$t" "$@" > "$LOGS/$name.log" 2>&1; echo "rc $?"
   grep -E "^\||^RESULT|^stages|^phase|passed|failed|Traceback|Error" "$LOGS/$name.log" | tail -25; }
-step graph_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_batched.py -k "cuda_graph or static_step"
+step graph_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py -k "cuda_graph or static_step"
 cd bench
-step overhead 45 python3 step_overhead.py --device cuda
-step batched1 60 python3 fold_batching.py --device cuda --paths batched --seeds 1 --workdir /tmp/fb1
-step eager1 60 python3 fold_batching.py --device cuda --paths batched-eager --seeds 1 --workdir /tmp/fbe
-step batched3 80 python3 fold_batching.py --device cuda --paths batched --seeds 3 --workdir /tmp/fb3
-step serial1 230 python3 fold_batching.py --device cuda --paths serial --seeds 1 --workdir /tmp/fbs
-step nested1 140 python3 fold_batching.py --device cuda --paths batched --seeds 1 \
+step overhead 45 $PY step_overhead.py --device $DEV ${EPOCHS:+--epochs 1 --replicas 8}
+step batched1 60 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 1 --workdir /tmp/fb1
+step eager1 60 $PY fold_batching.py --device $DEV $EP --paths batched-eager --seeds 1 --workdir /tmp/fbe
+step batched3 80 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 3 --workdir /tmp/fb3
+step serial1 230 $PY fold_batching.py --device $DEV $EP --paths serial --seeds 1 --workdir /tmp/fbs
+step nested1 140 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 1 \
   --config configs/megc2019_nested.yaml --workdir /tmp/fbn
-step demo 70 python3 fold_batching.py --device cuda --workload demo --paths batched --workdir /tmp/fbd
+step demo 70 $PY fold_batching.py --device $DEV $EP --workload demo --paths batched --workdir /tmp/fbd
 echo "== done at $(( $(date +%s) - T0 ))s"
