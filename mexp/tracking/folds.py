@@ -102,8 +102,11 @@ class FoldLogger:
 
     def _start(self, uri: str) -> None:
         try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["mexp.tracking.folds"])
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["mexp.tracking.folds"])
+            else:                           # Windows: each worker imports for itself
+                ctx = multiprocessing.get_context("spawn")
             # the environment as it is now (credentials of the tracking server and artifact
             # store): the fork server may have started earlier, with another
             pool = ProcessPoolExecutor(self.processes, mp_context=ctx,
