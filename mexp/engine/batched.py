@@ -370,7 +370,9 @@ class Lockstep:
             s = GRAPH_WARMUP
             try:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                # captured on the warm-up's stream: its library handles and workspaces (cuBLAS
+                # keeps them per stream) exist by then, none is created mid-capture
+                with torch.cuda.graph(g, stream=side):
                     self._static_step()
                 self._graph = g
             except Exception as e:              # noqa: BLE001: eager steps are always right
