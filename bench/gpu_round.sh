@@ -7,9 +7,8 @@
 #   run: bash bench/gpu_round.sh        (carry: [".whl", "data"])
 # Prepare with bench/gpu_wheels.sh. Steps: the CUDA-graph tests; the step's cost eager /
 # static / as a CUDA graph (step_overhead.py); MEGC2019 one seed batched (the step as a CUDA graph) and
-# batched-eager (without it); three seeds batched; serial (the baseline on this card); nested
-# selection; the demo pipeline. Next, with device time left: python3 bench/trial_groups.py
-# --device cuda (HPO trial groups).
+# batched-eager (without it); three seeds batched; serial (the baseline on this card); HPO
+# trial groups (4 trials one by one vs as one group); nested selection; the demo pipeline.
 set -u
 cd "$(dirname "$0")/.."
 LOGS=${OUT:-/tmp/gpu_round}; mkdir -p "$LOGS"
@@ -34,6 +33,7 @@ step batched1 60 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 
 step eager1 60 $PY fold_batching.py --device $DEV $EP --paths batched-eager --seeds 1 --workdir /tmp/fbe
 step batched3 80 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 3 --workdir /tmp/fb3
 step serial1 230 $PY fold_batching.py --device $DEV $EP --paths serial --seeds 1 --workdir /tmp/fbs
+step trials 170 $PY trial_groups.py --device $DEV $EP --trials 4 --groups 1,4 --workdir /tmp/fbt
 step nested1 140 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 1 \
   --config configs/megc2019_nested.yaml --workdir /tmp/fbn
 step demo 70 $PY fold_batching.py --device $DEV $EP --workload demo --paths batched --workdir /tmp/fbd
