@@ -541,3 +541,106 @@ def test_fold_logging_processes_auto(monkeypatch):
         monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
         assert log_workers(0, batched) == want, (cpus, batched)
     assert log_workers(3, False) == 3 and log_workers(1, True) == 1
+
+
+class _FakeCuda:
+    """Stand-ins for torch.cuda's streams and graphs, so `_graphed_epoch`'s CUDA branch runs on
+    the CPU: a "capture" runs the step and then puts every state tensor back (recorded, not
+    run), a replay runs it; or the capture fails."""
+
+    def __init__(self, ls, fail: bool):
+        self.ls, self.fail, self.captures, self.replays = ls, fail, 0, 0
+
+    def state(self):
+        ls = self.ls
+        ts = [ls.opt.flat, ls.total, ls._ctr, *ls.buffers.values(),
+              *(t for st in ls.opt.state.values() for t in st.values())]
+        if ls.averaging:
+            ts += [*ls.avg_p.values(), *ls.avg_b.values()]
+        return ts
+
+    def install(self, monkeypatch):
+        from contextlib import contextmanager, nullcontext
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                fake.ls._static_step()
+
+        @contextmanager
+        def graph(g, stream=None):
+            if fake.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            saved = [t.clone() for t in fake.state()]
+            yield
+            for t, s in zip(fake.state(), saved):
+                t.copy_(s)
+            fake.captures += 1
+
+        class Stream:
+            def __init__(self, *a):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_graphed_epochs_control_flow_on_the_cpu(monkeypatch, fail):
+    """`_graphed_epoch` with torch.cuda's graph API stood in for: three warm-up steps, one
+    capture, replays for every later step of this epoch and the next ones (fewer once replicas
+    stop early), or after a failed capture eager steps; either way every replica ends bit for
+    bit where the eager loop does, and the run says how its steps ran."""
+    x, y = data(70)
+    reps = replicas(70, True)
+    cfg = tcfg(optimizer="adamw", lr=0.05, epochs=8, early_stopping=1, ema=0.9)
+
+    def run(graphs):
+        ls = fb.Lockstep(TinyNet, x, y, reps, cfg, 3, images_to_tensor, None,
+                         torch.device("cpu"), None, 256, None, None)
+        fake = None
+        if graphs:
+            ls.graphs = "cuda"              # as on a CUDA device
+            fake = _FakeCuda(ls, fail)
+            fake.install(monkeypatch)
+        steps = []
+        for epoch in range(1, ls.epochs + 1):
+            live = np.flatnonzero(~ls.done)
+            if not len(live):
+                break
+            plan = ls.plan_epoch(live)
+            steps.append(plan["S"])
+            ls.run_epoch(plan)
+            ls.end_epoch(epoch)
+            rows = {r: {"epoch": epoch} for r in live}
+            ls.validate(epoch, live, rows)
+            for r in live:
+                ls.results[r].history.append(rows[r])
+                if ls.stale[r] >= ls.patience:
+                    ls.done[r] = True
+            if epoch == 3:                  # the replica with the most steps stops
+                ls.done[2] = True
+        monkeypatch.undo()
+        return ls, ls.finish(), fake, steps
+
+    _, want, _, steps = run(False)
+    ls, got, fake, steps_g = run(True)
+    assert steps_g == steps and len(set(steps)) > 1          # later epochs had fewer steps
+    if fail:
+        assert fake.captures == 0 and fake.replays == 0 and ls._graph is None
+        assert "operation not permitted" in ls.graph_error and ls.graphs is None
+    else:
+        assert fake.captures == 1 and ls.graph_error is None
+        assert fake.replays == sum(steps) - fb.GRAPH_WARMUP   # every step after the warm-up
+    for a, b in zip(want, got):
+        assert np.array_equal(a.probs, b.probs) and a.best_epoch == b.best_epoch
+        for k in a.state:
+            assert torch.equal(a.state[k], b.state[k]), k
