@@ -82,6 +82,11 @@ def _get(cfg, key: str):
     return getattr(getattr(cfg, section), name)
 
 
+def _set(cfg, key: str, value) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
 def _hyper(cfg) -> dict:
     """`cfg`'s per-replica hyperparameters as `Replica` keyword arguments."""
     return {field: _get(cfg, key) for key, field in PER_REPLICA.items()}
@@ -95,8 +100,7 @@ def _group_members(cfg) -> list[tuple[str, dict]]:
     for g in _GROUP.get():
         probe = copy.deepcopy(cfg)
         for key in PER_REPLICA:
-            section, name = key.split(".")
-            setattr(getattr(probe, section), name, _get(g, key))
+            _set(probe, key, _get(g, key))
         if _strip(probe) == _strip(g) and _config_key(probe) != own:
             out.append((_config_key(probe), _hyper(g)))
     return out
