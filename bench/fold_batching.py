@@ -76,8 +76,8 @@ class Phases:
     at its end), nested selection's `prepare` (batched nets and the closed-form members' worker
     processes), waiting for the fold runs to be logged after the loop (`FoldLogger.drain`),
     loading the data set (`load_dataset`), logging the dataset input and fold plan (`log_plan`)
-    and the pooled metrics, plots and files (`summarise`); the rest is start-up, the device's
-    first use, the leak checks, serial training."""
+    and the pooled metrics, plots and files (`summarise`), the CUDA device's first use
+    (`device_startup`); the rest is start-up, the leak checks, serial training."""
 
     def __init__(self):
         self.t: dict[str, float] = {}
@@ -119,6 +119,23 @@ class Phases:
         return ", ".join(f"{k} {v:.1f} s" for k, v in self.t.items()) + f", rest {rest:.1f} s"
 
 
+def device_startup(device: str) -> float:
+    """Seconds of the CUDA device's first use (context, the conv and matmul libraries'
+    loading), timed inside the run's wall time, where the run would pay it at its first
+    kernel: the "rest" without it is mexp's own. 0 on the CPU."""
+    import torch
+    from mexp.engine.training import resolve_device
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return 0.0
+    t = time.perf_counter()
+    x = torch.randn(8, 3, 28, 28, device=dev, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
+    (torch.nn.functional.conv2d(x, w).flatten(1) @ torch.randn(2704, 3, device=dev)).sum().backward()
+    torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
 def measured(main, cfg) -> tuple[dict, float, float, str, str]:
     """`main(cfg)`'s summary, wall and CPU seconds, the GPU utilisation meanwhile and where
     the time went (`Phases`). The tracking store's tables are made first (a new SQLite
@@ -129,6 +146,8 @@ def measured(main, cfg) -> tuple[dict, float, float, str, str]:
     gpu.start()
     c0, t0 = cpu_seconds(), time.perf_counter()
     with Phases() as ph:
+        if (up := device_startup(cfg.training.device)):
+            ph.t["device start-up"] = up
         out = main(cfg)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     gpu.stop.set()

@@ -7,7 +7,9 @@ its wall time (68 folds for MEGC2019).
                                  [--processes 1,2,4]
 
 An STSTNet fold (6 test samples, 40 epochs of history) into a local SQLite store; prints the
-mean seconds per fold and the top of a cProfile by cumulative time. With `--processes`, the
+mean seconds per fold, what opening the run and model costs and what is left to log after
+training when they were opened early (`FoldLogger.prepare`, as a batched run does), and the
+top of a cProfile of that remainder by cumulative time. With `--processes`, the
 folds are instead handed to `FoldLogger` all at once, as a batched run does, logged by one
 thread (1) or N worker processes (`tracking.log_workers`), and the wall time per fold until
 all are logged is printed for each (the processes started and warm first, as they are while
@@ -50,27 +52,42 @@ def main() -> None:
         logger = FoldLogger(run.info.run_id, "train_cnn", ["negative", "positive", "surprise"],
                             None)
 
-        def one(i: int) -> None:
+        def one(i: int, made=None, tag: str = "o") -> None:
             test = [f"t{i}_{j}" for j in range(6)]
-            fold = Fold(f"s{i}", [f"s{i}"], ["x"], [], test, train, [])
+            fold = Fold(f"s{i}" if made is None else f"{tag}{i}", [f"s{i}"], ["x"], [], test,
+                        train, [])
             out = FoldOutput(test, np.random.default_rng(i).dirichlet(np.ones(3), 6),
                              FitResult(history, a.epochs, "final", model.state_dict()), train,
                              [], np.zeros((1, 3, 28, 28), np.float32))
-            logger._log(fold, out, np.array([0, 1, 2, 0, 1, 2]))
+            logger._log(fold, out, np.array([0, 1, 2, 0, 1, 2]), made)
         if a.processes:
             return burst(run.info.run_id, model, history, train, a)
         one(0)                                     # warm: imports, the store's first writes
-        prof, t = cProfile.Profile(), time.perf_counter()
-        prof.enable()
+        t = time.perf_counter()
         for i in range(1, a.folds + 1):
             one(i)
-        prof.disable()
         per = (time.perf_counter() - t) / a.folds
+        # a batched run opens its fold runs and models while the folds train (`prepare`):
+        # what is left to log after training
+        t = time.perf_counter()
+        made = [logger._open(f"o{i}") for i in range(a.folds)]
+        opened = (time.perf_counter() - t) / a.folds
+        t = time.perf_counter()
+        for i in range(a.folds):
+            one(i, made[i])
+        tail = (time.perf_counter() - t) / a.folds
+        prof = cProfile.Profile()                   # the profile: apart, it slows the calls
+        made = [logger._open(f"q{i}") for i in range(5)]
+        prof.enable()
+        for i in range(5):
+            one(i, made[i], "q")
+        prof.disable()
         logger.close()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(12)
     print("\n".join(s.getvalue().splitlines()[:30]))
-    print(f"{per:.3f} s per fold run ({a.folds} folds, {a.epochs} epochs of history)")
+    print(f"{per:.3f} s per fold run ({a.folds} folds, {a.epochs} epochs of history); opened "
+          f"early: {opened:.3f} s to open, {tail:.3f} s left to log after training")
 
 
 def burst(parent: str, model, history, train, a) -> None:

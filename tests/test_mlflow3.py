@@ -243,7 +243,10 @@ def test_a_fold_run_is_logged_in_few_client_calls(tracking):
                           np.array([0, 1, 2]))
         logger.close()
     assert sum(calls.values()) <= 10, calls
-    assert calls["log_batch"] == 1 and calls["log_artifacts"] == 1, calls
+    # one metric batch; the artifacts go straight to the run's and the model's repositories
+    # (MlflowClient.log_artifacts would look the run up again first)
+    assert calls["log_batch"] == 1 and calls["log_artifacts"] == 0, calls
+    assert calls["get_run"] == 0 and calls["get_logged_model"] == 0, calls
     c = mlflow.MlflowClient()
     names = {a.path for a in c.list_artifacts(res["fold_run_id"])}
     assert {"model.pth", "training_log.csv", "confusion_matrix.json", "confusion_matrix.png",
@@ -286,3 +289,73 @@ def test_a_dataset_registered_by_another_process_at_once_is_linked(tracking, mon
         MlflowException("connection refused")))
     with mlflow.start_run(), pytest.raises(MlflowException, match="connection refused"):
         datasets.log_dataset(table, "d1gest", "casme2")
+
+
+def _fold_out(model, tag: str):
+    from mexp.engine.plans import Fold
+    test = [f"{tag}1", f"{tag}2", f"{tag}3"]
+    out = FoldOutput(test, np.eye(3), FitResult([{"epoch": 1, "train/loss": 0.5}], 1, "final",
+                                                model.state_dict()),
+                     ["a1"], [], np.zeros((1, 3, 28, 28), np.float32))
+    return Fold(tag, [tag], ["x"], [], test, ["a1"], []), out
+
+
+def test_fold_runs_opened_while_training_end_logged_or_killed(tracking):
+    """A batched run opens its fold runs and LoggedModels while the folds train (`prepare`):
+    the folds logged later reuse them (FINISHED, model READY with its late params, nothing
+    opened twice); one never logged (the stage failed or was pruned first) is ended KILLED
+    and its model FAILED on `close`."""
+    from mexp.models import create_model
+    from mexp.tracking.folds import FoldLogger
+    model = create_model("ststnet", num_classes=3, input_channels=3)
+    mlflow.set_experiment("fold-prepare")
+    c = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = FoldLogger(run.info.run_id, "train_cnn", ["n", "p", "s"], None)
+        folds = [_fold_out(model, t) for t in ("sA", "sB", "sC")]
+        logger.prepare([f for f, _ in folds])
+        logger._preparing.join()
+        opened = {name: f.result() for name, f in logger.made.items()}
+        assert set(opened) == {"sA", "sB", "sC"}
+        for name, (rid, _, mid, _) in opened.items():
+            assert c.get_run(rid).info.status == "RUNNING"
+            assert c.get_run(rid).data.tags["mlflow.parentRunId"] == run.info.run_id
+            assert c.get_logged_model(mid).status == "PENDING"
+        for fold, out in folds[:2]:
+            logger.submit(fold, out, np.array([0, 1, 2]))
+        res = logger.drain()
+        logger.close()
+    children = c.search_runs([run.info.experiment_id],
+                             f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert len(children) == 3                              # nothing opened twice
+    for name in ("sA", "sB"):
+        rid, _, mid, _ = opened[name]
+        assert res[name]["fold_run_id"] == rid
+        fold_run = c.get_run(rid)
+        assert fold_run.info.status == "FINISHED" and fold_run.data.metrics["test/uf1"] == 1.0
+        m = c.get_logged_model(mid)
+        assert m.status == "READY" and m.params["best_epoch"] == "1"
+        assert m.params["selected_on"] == "final" and m.params["fold"] == name
+        assert "model.pth" in {a.path for a in c.list_artifacts(rid)}
+    rid, _, mid, _ = opened["sC"]
+    assert c.get_run(rid).info.status == "KILLED"
+    assert c.get_run(rid).data.tags["mexp.terminated"].startswith("not logged")
+    assert c.get_logged_model(mid).status == "FAILED"
+
+
+def test_fold_runs_opened_by_a_killed_process_are_cleaned_up_on_resume(tracking):
+    """Fold runs a batched run opened before its process died stay RUNNING, their models
+    PENDING: the resume's clean-up ends them KILLED and FAILED."""
+    from mexp.tracking import folds as F
+    mlflow.set_experiment("fold-prepare-killed")
+    c = MlflowClient()
+    with mlflow.start_run() as run:
+        logger = F.FoldLogger(run.info.run_id, "train_cnn", ["n", "p", "s"], None)
+        logger.prepare([_fold_out(torch.nn.Linear(2, 3), "k")[0]])
+        logger._preparing.join()
+        rid, _, mid, _ = logger.made["k"].result()
+        logger.made.clear()                     # the process dies: nothing ends them
+        logger.pool.shutdown()
+        F._kill_stale_fold_runs(run.info.run_id)
+    assert c.get_run(rid).info.status == "KILLED"
+    assert c.get_logged_model(mid).status == "FAILED"

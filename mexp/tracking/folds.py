@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from mexp.config import Config
@@ -39,8 +39,10 @@ from mexp.engine.setup import fold_plan, fold_workers
 from mexp.engine.training import resolve_device
 from mexp.tracking import plots
 from mexp.tracking.datasets import log_dataset, log_plan
-from mexp.tracking.logged_models import create_fold_model
-from mexp.tracking.runs import T, history_metrics, log_metric_list, stage_run, start, terminate_children
+from mexp.tracking.logged_models import (artifact_repo, fail_pending_models, late_params,
+                                         open_fold_model, save_fold_model)
+from mexp.tracking.runs import (T, history_metrics, log_metric_list, stage_run, start,
+                               terminate_tree)
 from mexp.tracking.summary import summary_line
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,15 @@ def _completed(run_id: str) -> dict[str, dict]:
 
 
 def _kill_stale_fold_runs(parent_id: str) -> None:
-    """Fold runs (and anything under them) left RUNNING by a killed process become KILLED."""
-    n = terminate_children(parent_id)
-    if n:
-        log.info("marked %d stale run(s) under %s KILLED", n, parent_id)
+    """Fold runs (and anything under them) left RUNNING by a killed process become KILLED,
+    and their still-PENDING LoggedModels FAILED."""
+    client = MlflowClient()
+    ended = terminate_tree(client, parent_id, root=False)
+    if ended:
+        exp = client.get_run(parent_id).info.experiment_id
+        n = fail_pending_models(client, exp, ended)
+        log.info("marked %d stale run(s) under %s KILLED (%d pending model(s) FAILED)",
+                 len(ended), parent_id, n)
 
 
 def log_workers(setting: int, batched: bool) -> int:
@@ -99,6 +106,46 @@ class FoldLogger:
         else:       # 0: inside a worker process, which logs in its own thread
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="fold-logger") if processes else None
         self.pending: dict[str, Future] = {}
+        self.made: dict[str, Future] = {}       # fold name -> its run and model, opened early
+        self._preparing: threading.Thread | None = None
+
+    def prepare(self, folds: list[Fold]) -> None:
+        """Open the fold runs and their LoggedModels now, while the folds train, by whoever
+        logs (the thread or the processes): a batched run's folds all finish at once, and
+        opening one is a third of logging it. Each run starts RUNNING with its tags; one
+        never logged is ended KILLED by `close` (or, after a kill, by the resume)."""
+        spec = self._spec()
+
+        def go():
+            if self._starting is not None:
+                self._starting.join()
+            if self.pool is None:
+                return                  # the start failed: `submit` says why
+            for f in folds:
+                if self.processes > 1:
+                    self.made[f.name] = self.pool.submit(_open_in_worker, spec, f.name)
+                else:
+                    self.made[f.name] = self.pool.submit(self._open, f.name)
+        self._preparing = threading.Thread(target=go, name="fold-logger-prepare", daemon=True)
+        self._preparing.start()
+
+    def _spec(self) -> tuple:
+        out_dir = None if self.out_dir is None else Path(self.out_dir).absolute()
+        return (self.parent, self.stage, tuple(self.classes), out_dir, self.exp)
+
+    def _open(self, name: str, params: dict | None = None) -> tuple[str, str, str, str]:
+        """A fold's run and PENDING LoggedModel (with `params`): (run id, its artifact URI,
+        model id, the model's artifact location)."""
+        c = self.client
+        run = c.create_run(self.exp, run_name=f"fold={name}", tags={
+            "mlflow.parentRunId": self.parent, T + "stage": f"{self.stage}:fold", T + "fold": name})
+        try:
+            lm = open_fold_model(c, self.exp, run.info.run_id, self.parent, self.stage, name,
+                                 len(self.classes), params)
+        except BaseException:
+            c.set_terminated(run.info.run_id, "FAILED")
+            raise
+        return run.info.run_id, run.info.artifact_uri, lm.model_id, lm.artifact_location
 
     def _start(self, uri: str) -> None:
         try:
@@ -129,12 +176,15 @@ class FoldLogger:
 
     def submit(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> None:
         self._started()
+        if self._preparing is not None:
+            self._preparing.join()              # it only queues: done at once
+        made = self.made.pop(fold.name, None)
+        made = made.result() if made is not None else None     # an error opening it: now
         if self.processes > 1:
-            out_dir = None if self.out_dir is None else Path(self.out_dir).absolute()
-            spec = (self.parent, self.stage, tuple(self.classes), out_dir, self.exp)
-            self.pending[fold.name] = self.pool.submit(_log_in_worker, spec, fold, out, labels)
+            self.pending[fold.name] = self.pool.submit(_log_in_worker, self._spec(), fold, out,
+                                                       labels, made)
         else:
-            self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels)
+            self.pending[fold.name] = self.pool.submit(self._log, fold, out, labels, made)
 
     def check(self) -> None:
         """Re-raise the first logging error now (a lost tracking server), not after every
@@ -148,30 +198,51 @@ class FoldLogger:
         return {name: f.result() for name, f in self.pending.items()}
 
     def close(self) -> None:
+        """Wait for the logging to end; fold runs opened early and never logged (the stage
+        failed or was pruned first) are ended KILLED, their models FAILED."""
         if self._starting is not None:
             self._starting.join()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
+        if self._preparing is not None:
+            self._preparing.join()
+        try:
+            for name, f in self.made.items():
+                if f.cancel():
+                    continue
+                try:
+                    rid, _, model_id, _ = f.result()
+                except Exception:               # noqa: BLE001: nothing was opened
+                    continue
+                self.client.finalize_logged_model(model_id, "FAILED")
+                self.client.set_terminated(rid, "KILLED")
+                self.client.set_tag(rid, T + "terminated", "not logged: the stage ended first")
+            self.made.clear()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
-    def _log(self, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
+    def _log(self, fold: Fold, out: FoldOutput, labels: np.ndarray,
+             made: tuple[str, str, str, str] | None = None) -> dict:
         """Fold run (per-epoch metrics, scores, confusion matrix, weights, log), then the
-        result file on the parent, last: it marks the fold done for resume. Few client calls
-        (one metric batch, one artifact upload): a batched run logs all its folds at once."""
+        result file on the parent, last: it marks the fold done for resume. `made` is the
+        run and model `prepare` opened, else they are opened here. Few client calls (one
+        metric batch, one artifact upload each for the run and its model): a batched run logs
+        all its folds at once."""
         c, preds = self.client, out.probs.argmax(1)
         s = scores(labels, preds, len(self.classes))
         cm = confusion(labels, preds, len(self.classes))
-        tags = {"mlflow.parentRunId": self.parent, T + "stage": f"{self.stage}:fold",
-                T + "fold": fold.name}
-        if out.notes:                       # nested selection: the choice and the inner scores
-            tags[T + "selected"] = out.notes["selected"]
-        run = c.create_run(self.exp, run_name=f"fold={fold.name}", tags=tags)
-        rid = run.info.run_id
-        model_id, link = create_fold_model(c, run, self.parent, self.stage, fold.name, out,
-                                           self.classes)      # a LoggedModel, metrics linked
+        if made is None:
+            made = self._open(fold.name, late_params(out))
+        else:
+            c.log_model_params(made[2], late_params(out))
+        rid, uri, model_id, location = made
+        link = save_fold_model(c, model_id, location, rid, self.parent, self.stage, out,
+                               self.classes)        # the LoggedModel; metrics linked to it
         now = int(time.time() * 1000)
-        log_metric_list(c, rid, history_metrics(out.fit.history, now)
-                        + [Metric(f"test/{k}", float(v), now, 0, **link) for k, v in s.items()]
-                        + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
+        tags = [RunTag(T + "selected", out.notes["selected"])] if out.notes else []
+        metrics = (history_metrics(out.fit.history, now)
+                   + [Metric(f"test/{k}", float(v), now, 0, **link) for k, v in s.items()]
+                   + [Metric("best_epoch", float(out.fit.best_epoch), now, 0, **link)])
+        log_metric_list(c, rid, metrics, tags)     # nested selection: the choice as a tag
         with tempfile.TemporaryDirectory() as d:
             torch.save(out.fit.state, Path(d) / "model.pth")   # extract_features, refit read it
             pd.DataFrame(out.fit.history).to_csv(Path(d) / "training_log.csv", index=False)
@@ -181,7 +252,7 @@ class FoldLogger:
                 Path(d) / "confusion_matrix.png")
             if out.notes:
                 (Path(d) / "selection.json").write_text(json.dumps(out.notes, indent=1))
-            c.log_artifacts(rid, d)
+            artifact_repo(uri).log_artifacts(d)
         c.finalize_logged_model(model_id, "READY")
         c.set_terminated(rid, "FINISHED")
         if self.out_dir is not None:
@@ -214,14 +285,25 @@ def _log_worker_ready() -> None:
     """Nothing: submitted once per worker so that the pool starts them all at once."""
 
 
-def _log_in_worker(spec: tuple, fold: Fold, out: FoldOutput, labels: np.ndarray) -> dict:
-    """`FoldLogger._log` in a worker process, with one logger per stage run there."""
+def _worker_logger(spec: tuple) -> FoldLogger:
+    """The worker process's logger for a stage run (one per stage run there)."""
     lg = _WORKER_LOGGERS.get(spec)
     if lg is None:
         parent, stage, classes, out_dir, exp = spec
         lg = _WORKER_LOGGERS[spec] = FoldLogger(parent, stage, classes, out_dir, processes=0,
                                                 experiment_id=exp)
-    return lg._log(fold, out, labels)
+    return lg
+
+
+def _open_in_worker(spec: tuple, name: str) -> tuple[str, str, str, str]:
+    """`FoldLogger._open` in a worker process."""
+    return _worker_logger(spec)._open(name)
+
+
+def _log_in_worker(spec: tuple, fold: Fold, out: FoldOutput, labels: np.ndarray,
+                   made: tuple | None = None) -> dict:
+    """`FoldLogger._log` in a worker process."""
+    return _worker_logger(spec)._log(fold, out, labels, made)
 
 
 def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
@@ -257,6 +339,8 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     burst = batched or (hasattr(fold_fn, "prepare") and dev.type == "cuda")
     recorder = FoldLogger(parent, stage, classes, out_dir,
                           processes=log_workers(logging_processes, burst))
+    if burst:           # their runs and models are opened by the logger while the folds train
+        recorder.prepare([f for f in plan.folds if f.name not in done])
     if hasattr(fold_fn, "prepare") and workers <= 1 and not oracle:
         todo = [(k, f) for k, f in enumerate(plan.folds) if f.name not in done]
         # the CPU cores are idle beside the GPU: closed-form members fit there meanwhile,

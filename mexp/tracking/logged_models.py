@@ -17,11 +17,13 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 from mlflow.entities import LoggedModelOutput
 from mlflow.models import Model, ModelSignature
 from mlflow.models.utils import _save_example
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
@@ -66,26 +68,51 @@ def fold_signature(example, num_classes: int) -> ModelSignature:
     return ModelSignature(inputs=Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]))]), outputs=out)
 
 
-def create_fold_model(client: MlflowClient, run, parent_id: str, stage: str, fold: str,
-                      out, classes) -> tuple[str, dict]:
-    """A PENDING LoggedModel for a fold run's network, its artifacts logged; returns (model
-    id, metric link kwargs) so the caller links the fold's metrics to it and finalizes it.
-    `out.example` (one input batch, when the stage records it) becomes the input example."""
-    name, dataset, digest = _stage_facts(parent_id)
-    rid = run.info.run_id
-    example = getattr(out, "example", None)
-    params = {"model": name or stage, "fold": fold, "stage": stage,
-              "best_epoch": str(out.fit.best_epoch), "selected_on": out.fit.selected_on,
-              "num_classes": str(len(classes))}
+def artifact_repo(uri: str):
+    """The artifact repository at `uri` (a run's `artifact_uri`, a LoggedModel's
+    `artifact_location`), from the URI the caller already holds: `MlflowClient.log_artifacts`
+    first looks the run (or model) up again, ~8 ms a call on a SQLite store, paid once per
+    fold run."""
+    return get_artifact_repository(uri, tracking_uri=mlflow.get_tracking_uri())
+
+
+def open_fold_model(client: MlflowClient, experiment_id: str, run_id: str, parent_id: str,
+                    stage: str, fold: str, num_classes: int, params: dict | None = None):
+    """A PENDING LoggedModel for fold run `run_id`'s network, linked as the run's output;
+    `params` join the model's own (model, fold, stage, num_classes)."""
+    name = _stage_facts(parent_id)[0]
     lm = client.create_logged_model(
-        run.info.experiment_id, name=model_name(name or stage, f"fold={fold}"), source_run_id=rid,
-        params=params, tags={"mexp.stage": f"{stage}:fold", "mexp.fold": fold,
-                             "mexp.stage_run_id": parent_id}, model_type=FOLD_MODEL_TYPE)
+        experiment_id, name=model_name(name or stage, f"fold={fold}"), source_run_id=run_id,
+        params={"model": name or stage, "fold": fold, "stage": stage,
+                "num_classes": str(num_classes), **(params or {})},
+        tags={"mexp.stage": f"{stage}:fold", "mexp.fold": fold, "mexp.stage_run_id": parent_id},
+        model_type=FOLD_MODEL_TYPE)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(lm.model_id, 0)])
+    except BaseException:
+        client.finalize_logged_model(lm.model_id, "FAILED")
+        raise
+    return lm
+
+
+def late_params(out) -> dict:
+    """The fold model's params known only once it has trained."""
+    return {"best_epoch": str(out.fit.best_epoch), "selected_on": out.fit.selected_on}
+
+
+def save_fold_model(client: MlflowClient, model_id: str, location: str, run_id: str,
+                    parent_id: str, stage: str, out, classes) -> dict:
+    """The fold network's artifacts into LoggedModel `model_id` at `location` (its
+    `artifact_location`): the weights, an MLmodel with the signature, the input example when
+    `out.example` holds a small one. Returns the metric link kwargs for the caller's metrics;
+    a failure marks the model FAILED."""
+    name, dataset, digest = _stage_facts(parent_id)
+    example = getattr(out, "example", None)
     try:
         with tempfile.TemporaryDirectory() as d:
             torch.save(out.fit.state, Path(d) / "model.pth")
             sig = fold_signature(example, len(classes))
-            mm = Model(run_id=rid, model_id=lm.model_id, signature=sig,
+            mm = Model(run_id=run_id, model_id=model_id, signature=sig,
                        metadata={"weights": "model.pth", "classes": list(classes),
                                  "model": name or stage})
             if example is not None and np.size(example) <= EXAMPLE_MAX:
@@ -93,15 +120,25 @@ def create_fold_model(client: MlflowClient, run, parent_id: str, stage: str, fol
             elif example is not None:           # the signature still has the input shape
                 mm.metadata["input_example"] = f"omitted: {np.size(example)} values"
             mm.save(str(Path(d) / "MLmodel"))
-            client.log_model_artifacts(lm.model_id, d)
-        client.log_outputs(rid, [LoggedModelOutput(lm.model_id, 0)])
+            artifact_repo(location).log_artifacts(d)
     except BaseException:
-        client.finalize_logged_model(lm.model_id, "FAILED")
+        client.finalize_logged_model(model_id, "FAILED")
         raise
-    link = {"model_id": lm.model_id}
+    link = {"model_id": model_id}
     if dataset and digest:
         link |= {"dataset_name": dataset, "dataset_digest": digest}
-    return lm.model_id, link
+    return link
+
+
+def create_fold_model(client: MlflowClient, run, parent_id: str, stage: str, fold: str,
+                      out, classes) -> tuple[str, dict]:
+    """A PENDING LoggedModel for a fold run's network, its artifacts logged; returns (model
+    id, metric link kwargs) so the caller links the fold's metrics to it and finalizes it.
+    `out.example` (one input batch, when the stage records it) becomes the input example."""
+    lm = open_fold_model(client, run.info.experiment_id, run.info.run_id, parent_id, stage,
+                         fold, len(classes), late_params(out))
+    return lm.model_id, save_fold_model(client, lm.model_id, lm.artifact_location,
+                                        run.info.run_id, parent_id, stage, out, classes)
 
 
 def fail_pending_models(client: MlflowClient, experiment_id: str, run_ids) -> int:

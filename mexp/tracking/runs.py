@@ -246,23 +246,18 @@ def terminate_tree(client: MlflowClient, run_id: str, status: str = "KILLED",
     return ended
 
 
-def terminate_children(parent_id: str, status: str = "KILLED") -> int:
-    """Every RUNNING run under `parent_id` (not the run itself) ended `status`: their
-    process died with the run's earlier process. How many were ended."""
-    return len(terminate_tree(MlflowClient(), parent_id, status, root=False))
-
-
 def history_metrics(history: list[dict], now: int, prefix: str = "") -> list[Metric]:
     """Per-epoch rows as MLflow metrics (step = epoch)."""
     return [Metric(prefix + k, float(v), now, int(row["epoch"]))
             for row in history for k, v in row.items() if k != "epoch"]
 
 
-def log_metric_list(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
+def log_metric_list(client: MlflowClient, run_id: str, metrics: list[Metric],
+                    tags: list | None = None) -> None:
     """Metrics in batches of 1000, MLflow's limit per call (one call per metric is 10-300x
-    slower)."""
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    slower); `tags` (RunTag) ride with the first."""
+    for i in range(0, max(len(metrics), 1 if tags else 0), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else ())
 
 
 def check_run(run_id: str, stage: str, finished: bool = True):
