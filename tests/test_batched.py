@@ -644,3 +644,64 @@ def test_graphed_epochs_control_flow_on_the_cpu(monkeypatch, fail):
         assert np.array_equal(a.probs, b.probs) and a.best_epoch == b.best_epoch
         for k in a.state:
             assert torch.equal(a.state[k], b.state[k]), k
+
+
+# aten ops that need the host mid-step (a value read back, an output sized by the data, a
+# tensor made from Python data and copied over): under CUDA graph capture they fail it, or the
+# graph would replay a stale value
+_HOST_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "masked_scatter",
+             "is_nonzero", "equal", "unique", "_unique2", "unique_consecutive", "bincount",
+             "_assert_async", "lift_fresh", "repeat_interleave", "allclose"}
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op that runs (below vmap and grad), and those that need the host."""
+    def __init__(self):
+        super().__init__()
+        self.n, self.host = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        name = func.overloadpacket.__name__
+        if name in _HOST_OPS or (name.startswith("index") and len(args) > 1 and isinstance(
+                args[1], (list, tuple)) and any(t is not None and t.dtype == torch.bool
+                                                for t in args[1])):
+            self.host.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,kw,aug", [
+    ("tiny", dict(optimizer="adamw", lr=0.05), None),
+    ("tiny", dict(optimizer="sgd", lr=0.05, mixup=0.3, ema=0.9), None),
+    ("tiny", dict(optimizer="adam", swa_epochs=2), "frames"),
+    ("ststnet", dict(optimizer="adamw", lr=0.01), "flow"),
+    ("off_apexnet", dict(optimizer="sgd", lr=0.05, mixup=0.3, ema=0.9), "flow"),
+    ("sssnet", dict(optimizer="adamw", lr=0.01), "flow"),
+    ("roi_transformer", dict(optimizer="adamw", lr=0.01), None),
+    ("lstm", dict(optimizer="adam", lr=0.01), None)])
+def test_the_step_a_cuda_graph_records_asks_nothing_of_the_host(name, kw, aug):
+    """What `_graphed_epoch` captures, `_static_step`, for the field's small models and the
+    recipes: no aten op in it reads a value back to the host, sizes an output by the data or
+    copies Python data over (each would fail the capture on a GPU, or replay a stale value).
+    Checked on the CPU below vmap and grad, where the capture itself cannot run."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 70)
+    if name == "tiny":
+        make, x, to_input = TinyNet, data(70)[0], images_to_tensor
+    elif name in ("roi_transformer", "lstm"):
+        x = rng.normal(size=(70, 10, 14)).astype(np.float32)
+        extra = dict(hidden_size=8) if name == "lstm" else {}
+        make = lambda: create_model(name, num_classes=3, input_dim=14, **extra)  # noqa: E731
+        to_input = torch.as_tensor
+    else:
+        x = rng.normal(size=(70, 28, 28, 3)).astype(np.float32)
+        make = lambda: create_model(name, num_classes=3, input_channels=3)     # noqa: E731
+        to_input = images_to_tensor
+    ls = fb.Lockstep(make, x, y, replicas(70, False), tcfg(epochs=2, **kw), 3, to_input, aug,
+                     torch.device("cpu"), None, 256, None, "static")
+    ls.run_epoch(ls.plan_epoch(np.flatnonzero(~ls.done)))     # the static buffers, warm
+    ls._ctr.zero_()
+    with _OpLog() as ops:
+        ls._static_step()
+    assert ops.n > 100                       # the whole step ran under the log
+    assert not ops.host, ops.host
