@@ -88,3 +88,51 @@ def test_the_leak_check_looks_at_the_arrays_given_to_fit():
 def torch_tensor(x):
     import torch
     return torch.as_tensor(x)
+
+
+def test_the_pooled_plots_see_every_fold_before_the_drain():
+    """`run_plan` hands every fold's test ids, probabilities (rounded as recorded) and history
+    to `before_drain` while the recorder may still be logging, then drains: the pooled plots
+    render meanwhile, from what the recorder then returns."""
+    import pandas as pd
+
+    from mexp.engine.crossval import FoldOutput, run_plan
+    from mexp.engine.training import FitResult
+    ids, subj, y = _data(4, 5)
+    plan = make_plan(ids, subj, y, method="LOSO")
+    table = pd.DataFrame({"sample_id": ids, "subject": subj, "label": y})
+    rng = np.random.default_rng(1)
+    events, seen = [], []
+
+    def fold_fn(k, fold):
+        p = rng.dirichlet(np.ones(3), len(fold.test_ids))
+        return FoldOutput(list(fold.test_ids), p, FitResult([{"epoch": 1, "loss": k}], 1),
+                          list(fold.train_ids), [])
+
+    class Recorder:
+        def __init__(self):
+            self.got = {}
+
+        def submit(self, fold, out, labels):
+            events.append("submit")
+            self.got[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
+                                   "probs": out.probs.round(6).tolist(),
+                                   "history": out.fit.history, "logged": True}
+
+        def check(self):
+            pass
+
+        def drain(self):
+            events.append("drain")
+            return self.got
+
+        def close(self):
+            events.append("close")
+
+    rec = Recorder()
+    out = run_plan(plan, table, 3, fold_fn, rec,
+                   before_drain=lambda res: (events.append("plots"), seen.extend(res)))
+    assert events == ["submit"] * 4 + ["plots", "drain", "close"]
+    assert [r["fold"] for r in seen] == [f.name for f in plan.folds]
+    for a, b in zip(seen, out):
+        assert b["logged"] and a["probs"] == b["probs"] and a["history"] == b["history"]

@@ -1,5 +1,6 @@
 """The stage workflow on tiny synthetic data against a per-test SQLite tracking store."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,21 @@ def _children(client, run):
                               f"tags.mlflow.parentRunId = '{run.info.run_id}'")
 
 
-def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys):
+def _plots_equal_the_recorded_folds(client, run_id, tmp_path):
+    """The pooled plots, drawn while the fold runs were still being logged, are what the
+    recorded fold results (folds/*.json, predictions.csv) draw."""
+    import pandas as pd
+
+    from mexp.tracking.folds import FIGURES, fold_results, render_figures
+    got = Path(client.download_artifacts(run_id, "", str(tmp_path / "logged")))
+    pred = pd.read_csv(got / "predictions.csv", dtype={"subject": str})
+    classes = json.loads((got / "confusion_matrix.json").read_text())["classes"]
+    render_figures(fold_results(run_id), pred, classes, tmp_path)
+    for f in FIGURES:
+        assert (tmp_path / f).read_bytes() == (got / f).read_bytes(), f
+
+
+def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys, tmp_path):
     out = pipeline.main(cfg)
     client = MlflowClient()
     *_, line, steps = capsys.readouterr().out.strip().splitlines()
@@ -49,6 +64,7 @@ def test_pipeline_logs_everything_and_reuses_finished_stages(cfg, capsys):
             "per_subject.png", "folds"} <= _artifacts(client, cnn.info.run_id)
     assert 0.0 <= cnn.data.metrics["test/uf1"] <= 1.0
     assert cnn.inputs.dataset_inputs[0].dataset.digest == tags["mexp.data_digest"]
+    _plots_equal_the_recorded_folds(client, cnn.info.run_id, tmp_path)
     folds = _children(client, cnn)
     assert len(folds) == 3 and {f.data.tags["mexp.fold"] for f in folds} == {"k0", "k1", "k2"}
     hist = client.get_metric_history(folds[0].info.run_id, "train/loss")

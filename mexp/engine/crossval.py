@@ -198,14 +198,17 @@ def run_plan(plan: FoldPlan, table: pd.DataFrame, num_classes: int,
              fold_fn: Callable[[int, Fold], FoldOutput], recorder: Recorder,
              done: dict[str, dict] | None = None, on_fold: Callable[[int, dict], None] | None = None,
              oracle: bool = False, workers: int = 1, desc: str = "folds",
-             batched_on=None) -> list[dict]:
+             batched_on=None, before_drain: Callable[[list[dict]], None] | None = None
+             ) -> list[dict]:
     """Every fold of `plan` not in `done` (fold name -> result of a resumed run), trained by
     `fold_fn` (in `workers` processes if > 1), leak-checked and handed to `recorder` in plan
     order; `on_fold(k, running_scores)` after each fold (HPO prunes there). With `oracle`
     the validation split is the test fold (tagged and reported as such by the caller).
     `batched_on` (a torch device) trains the folds as one vectorised model instead
     (`mexp.engine.batched`; `fold_fn` must be a RowFolds). Returns the fold results in plan
-    order, as the recorder recorded them."""
+    order, as the recorder recorded them. `before_drain(results)` gets every fold's test ids,
+    probabilities (as recorded) and history in plan order while the recorder may still be
+    logging: the pooled plots render meanwhile."""
     done = done or {}
     check_plan(plan, table["sample_id"])
     on_fold = on_fold or _ON_FOLD.get()
@@ -236,10 +239,13 @@ def run_plan(plan: FoldPlan, table: pd.DataFrame, num_classes: int,
                 recorder.submit(fold, out, y)
                 recorder.check()
                 results[fold.name] = {"fold": fold.name, "test_ids": list(out.test_ids),
-                                      "probs": out.probs.tolist()}
+                                      "probs": out.probs.round(6).tolist(),
+                                      "history": out.fit.history}
             if on_fold is not None:
                 so_far = [results[f.name] for f in plan.folds[:k + 1]]
                 on_fold(k, pooled_scores(so_far, label_of, num_classes))
+        if before_drain is not None:
+            before_drain([results[f.name] for f in plan.folds])
         results.update(recorder.drain())   # the pooled metrics come from what was recorded
     finally:
         outputs.close()                    # cancels folds not started (e.g. a pruned trial)

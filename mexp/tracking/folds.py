@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -359,17 +360,46 @@ def run_folds(plan: FoldPlan, table: pd.DataFrame, classes, stage: str,
     mlflow.set_tags({T + "fold_path": path, T + "fold_path_why": why,
                      T + "fold_logging": f"{n} processes" if n > 1 else "a thread"})
     log.info("folds: %s (%s)", path, why)
-    results = run_plan(plan, table, len(classes), fold_fn, recorder, done, on_fold=on_fold,
-                       oracle=oracle, workers=workers, desc=f"{stage} folds",
-                       batched_on=dev if batched else None)
-    if STEP_PATHS:      # how the vectorised steps ran: a CUDA graph, or eagerly (and why)
-        mlflow.set_tag(T + "fold_steps", ", ".join(dict.fromkeys(STEP_PATHS)))
-    return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test")
+    with tempfile.TemporaryDirectory() as figures:
+        results = run_plan(plan, table, len(classes), fold_fn, recorder, done, on_fold=on_fold,
+                           oracle=oracle, workers=workers, desc=f"{stage} folds",
+                           batched_on=dev if batched else None,
+                           before_drain=lambda res: render_figures(res, table, classes, figures))
+        if STEP_PATHS:      # how the vectorised steps ran: a CUDA graph, or eagerly (and why)
+            mlflow.set_tag(T + "fold_steps", ", ".join(dict.fromkeys(STEP_PATHS)))
+        return summarise(results, table, classes, plan, out_dir, "oracle" if oracle else "test",
+                         figures)
+
+
+def _pooled(results: list[dict], table: pd.DataFrame):
+    """Labels, predictions and subjects of every fold's test samples, in fold order."""
+    meta = table.set_index("sample_id")
+    ids = [i for r in results for i in r["test_ids"]]
+    p = np.array([int(np.argmax(v)) for r in results for v in r["probs"]], dtype=int)
+    return (meta.loc[ids, "label"].astype(int).to_numpy(), p, meta.loc[ids, "subject"])
+
+
+FIGURES = ("confusion_matrix.png", "learning_curve.png", "per_subject.png")
+
+
+def render_figures(results: list[dict], table: pd.DataFrame, classes, folder) -> None:
+    """The pooled plots (confusion matrix, learning curves, per-subject scores) as PNG files in
+    `folder`: drawn while the fold runs are still being logged, uploaded by `summarise`."""
+    y, p, subject = _pooled(results, table)
+    cm = confusion(y, p, len(classes))
+    per_subject = breakdown(y, p, subject, len(classes))
+    history = {r["fold"]: r["history"] for r in results}
+    for name, fig in zip(FIGURES, (plots.confusion_figure(cm, classes, "pooled"),
+                                   plots.learning_curve_figure(history, "all folds"),
+                                   plots.per_subject_figure(per_subject, "per subject"))):
+        fig.savefig(Path(folder) / name)
 
 
 def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
-              out_dir: Path | None, prefix: str = "test") -> dict:
-    """Pooled metrics, per-database and per-subject scores, plots and files on the parent."""
+              out_dir: Path | None, prefix: str = "test", figures: str | None = None) -> dict:
+    """Pooled metrics, per-database and per-subject scores, plots and files on the parent. The
+    plots are `render_figures`'s, drawn into `figures` before the fold runs were all logged
+    (else drawn now)."""
     pred = predictions_table(results, table, classes)
     y, p = pred["label"].to_numpy(), pred["pred"].to_numpy()
     s = scores(y, p, len(classes))
@@ -384,11 +414,12 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
     mlflow.log_dict({"classes": list(classes), "matrix": cm.tolist()}, "confusion_matrix.json")
     mlflow.log_dict({"pooled": s, "per_database": per_db, "per_subject": per_subject},
                     "scores.json")
-    for name, fig in (("confusion_matrix.png", plots.confusion_figure(cm, classes, "pooled")),
-                      ("learning_curve.png", plots.learning_curve_figure(history, "all folds")),
-                      ("per_subject.png", plots.per_subject_figure(per_subject, "per subject"))):
-        mlflow.log_figure(fig, name)
     with tempfile.TemporaryDirectory() as d:
+        if figures is not None and all((Path(figures) / f).is_file() for f in FIGURES):
+            for f in FIGURES:
+                shutil.copyfile(Path(figures) / f, Path(d) / f)
+        else:
+            render_figures(results, table, classes, d)
         pred.to_csv(Path(d) / "predictions.csv", index=False)
         pd.DataFrame(log_rows).to_csv(Path(d) / "training_log.csv", index=False)
         mlflow.log_artifacts(d)
