@@ -26,7 +26,7 @@ step() { local name=$1 t=$2; shift 2; local now=$(( $(date +%s) - T0 ))
   echo "== $name: $* (limit ${t}s, at ${now}s)"
   timeout "$t" "$@" > "$LOGS/$name.log" 2>&1; echo "rc $?"
   grep -E "^\||^RESULT|^stages|^phase|passed|failed|Traceback|Error" "$LOGS/$name.log" | tail -25; }
-step graph_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py -k "cuda_graph or static_step"
+step graph_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_batched.py -k "(cuda_graph or static_step) and not asks_nothing"
 cd bench
 step overhead 45 $PY step_overhead.py --device $DEV ${EPOCHS:+--epochs 1 --replicas 8}
 step batched1 60 $PY fold_batching.py --device $DEV $EP --paths batched --seeds 1 --workdir /tmp/fb1
