@@ -113,13 +113,13 @@ class FoldLogger:
     def prepare(self, folds: list[Fold]) -> None:
         """Open the fold runs and their LoggedModels now, while the folds train, by whoever
         logs (the thread or the processes): a batched run's folds all finish at once, and
-        opening one is a third of logging it. Each run starts RUNNING with its tags; one
+        opening one is about a quarter of logging it. Each run starts RUNNING with its tags; one
         never logged is ended KILLED by `close` (or, after a kill, by the resume)."""
-        spec = self._spec()
+        spec, starting = self._spec(), self._starting
 
         def go():
-            if self._starting is not None:
-                self._starting.join()
+            if starting is not None:        # the processes' start (`submit` clears the field)
+                starting.join()
             if self.pool is None:
                 return                  # the start failed: `submit` says why
             for f in folds:
