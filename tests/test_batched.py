@@ -468,6 +468,17 @@ def test_static_step_path_equals_the_eager_loop(kw):
             assert torch.equal(a.state[k], b.state[k]), k
 
 
+def test_each_replicas_weights_own_their_storage():
+    """A replica's weights are handed to the fold logger (a worker process, pickled): each
+    tensor holds only its replica's values, not a view of the stacked (R, ...) tensor."""
+    x, y = data(70)
+    out = fb.fit_batched(TinyNet, x, y, replicas(70, False), tcfg(epochs=1), 3,
+                         images_to_tensor, device="cpu")
+    for r in out:
+        for k, v in r.state.items():
+            assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
+
+
 def test_cuda_graphs_setting():
     """`training.cuda_graphs: false` keeps eager steps; graphs are only asked of CUDA."""
     x, y = data(30)

@@ -503,8 +503,9 @@ class Lockstep:
                 res[r].best_epoch = len(res[r].history)
         probs = self.predict(self.te)
         allp = {**self.params, **self.frozen, **self.buffers}
-        for r in range(self.R):
-            res[r].state = {k: allp[k][r].detach().clone().cpu() for k in self.keys}
+        host = {k: allp[k].detach().cpu() for k in self.keys}   # one copy a tensor, not a replica
+        for r in range(self.R):         # each its own storage (a view would pickle them all)
+            res[r].state = {k: host[k][r].clone() for k in self.keys}
             res[r].probs = probs[r]
         return res
 
