@@ -17,7 +17,8 @@ from mexp import promote, train_cnn
 from mexp.config import Config
 from mexp.engine.crossval import FoldOutput
 from mexp.engine.training import FitResult
-from mexp.tracking.logged_models import FOLD_MODEL_TYPE, create_fold_model, fail_pending_models
+from mexp.tracking.logged_models import (FOLD_MODEL_TYPE, fail_pending_models, late_params,
+                                         open_fold_model, save_fold_model)
 from mexp.tracking.runs import stage_run
 
 ENV = {"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2", "MEXP_SYSTEM_METRICS": None}
@@ -122,7 +123,7 @@ def _exp(run):
 
 
 def test_fold_models_record_their_example_and_rank_by_linked_metrics(trained):
-    """What create_fold_model records from a FoldOutput that carries one input batch, and
+    """What open_fold_model and save_fold_model record from a FoldOutput that carries one input batch, and
     search_logged_models ordering fold models by the metric linked to each."""
     client = MlflowClient()
     exp = client.create_experiment("fold-model-unit")
@@ -133,8 +134,11 @@ def test_fold_models_record_their_example_and_rank_by_linked_metrics(trained):
         out = FoldOutput(["a"], np.full((1, 7), 1 / 7), FitResult(
             best_epoch=2, state=torch.nn.Linear(4, 7).state_dict()), ["b"], [])
         out.example = np.zeros((1, 5, 4), np.float32)               # (B, T, D) features
-        mid, link = create_fold_model(client, fold, parent.info.run_id, "train_lstm", k, out,
-                                      list("abcdefg"))
+        lm = open_fold_model(client, exp, fold.info.run_id, parent.info.run_id, "train_lstm", k,
+                             7, late_params(out))
+        mid = lm.model_id
+        link = save_fold_model(client, mid, lm.artifact_location, fold.info.run_id,
+                               parent.info.run_id, "train_lstm", out, list("abcdefg"))
         assert link == {"model_id": mid}                            # no dataset on this run
         client.log_batch(fold.info.run_id, [Metric("test/uf1", uf1, 0, 0, **link)])
         client.finalize_logged_model(mid, "READY")

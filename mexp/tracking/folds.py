@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -396,10 +395,10 @@ def render_figures(results: list[dict], table: pd.DataFrame, classes, folder) ->
 
 
 def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
-              out_dir: Path | None, prefix: str = "test", figures: str | None = None) -> dict:
+              out_dir: Path | None, prefix: str, figures: str) -> dict:
     """Pooled metrics, per-database and per-subject scores, plots and files on the parent. The
-    plots are `render_figures`'s, drawn into `figures` before the fold runs were all logged
-    (else drawn now)."""
+    plots are `render_figures`'s, already in folder `figures` (drawn while the fold runs were
+    logged); the files join them there and the folder is uploaded."""
     pred = predictions_table(results, table, classes)
     y, p = pred["label"].to_numpy(), pred["pred"].to_numpy()
     s = scores(y, p, len(classes))
@@ -410,23 +409,17 @@ def summarise(results: list[dict], table: pd.DataFrame, classes, plan: FoldPlan,
     metrics |= {f"{prefix}/{db}/{k}": v for db, d in per_db.items() for k, v in d.items() if k != "n"}
     mlflow.log_metrics(metrics)
     history = {r["fold"]: r["history"] for r in results}
-    log_rows = [{"fold": f, **row} for f, h in history.items() for row in h]
+    log_rows = pd.DataFrame([{"fold": f, **row} for f, h in history.items() for row in h])
     mlflow.log_dict({"classes": list(classes), "matrix": cm.tolist()}, "confusion_matrix.json")
     mlflow.log_dict({"pooled": s, "per_database": per_db, "per_subject": per_subject},
                     "scores.json")
-    with tempfile.TemporaryDirectory() as d:
-        if figures is not None and all((Path(figures) / f).is_file() for f in FIGURES):
-            for f in FIGURES:
-                shutil.copyfile(Path(figures) / f, Path(d) / f)
-        else:
-            render_figures(results, table, classes, d)
-        pred.to_csv(Path(d) / "predictions.csv", index=False)
-        pd.DataFrame(log_rows).to_csv(Path(d) / "training_log.csv", index=False)
-        mlflow.log_artifacts(d)
+    pred.to_csv(Path(figures) / "predictions.csv", index=False)
+    log_rows.to_csv(Path(figures) / "training_log.csv", index=False)
+    mlflow.log_artifacts(figures)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         pred.to_csv(out_dir / "predictions.csv", index=False)
-        pd.DataFrame(log_rows).to_csv(out_dir / "training_log.csv", index=False)
+        log_rows.to_csv(out_dir / "training_log.csv", index=False)
         plan.save(out_dir / "fold_plan.json")
     return {"uf1": s["uf1"], "uar": s["uar"], "accuracy": s["accuracy"], "n": s["n"],
             "per_database": per_db, "folds": len(results), "oracle": prefix == "oracle"}

@@ -130,17 +130,6 @@ def save_fold_model(client: MlflowClient, model_id: str, location: str, run_id: 
     return link
 
 
-def create_fold_model(client: MlflowClient, run, parent_id: str, stage: str, fold: str,
-                      out, classes) -> tuple[str, dict]:
-    """A PENDING LoggedModel for a fold run's network, its artifacts logged; returns (model
-    id, metric link kwargs) so the caller links the fold's metrics to it and finalizes it.
-    `out.example` (one input batch, when the stage records it) becomes the input example."""
-    lm = open_fold_model(client, run.info.experiment_id, run.info.run_id, parent_id, stage,
-                         fold, len(classes), late_params(out))
-    return lm.model_id, save_fold_model(client, lm.model_id, lm.artifact_location,
-                                        run.info.run_id, parent_id, stage, out, classes)
-
-
 def fail_pending_models(client: MlflowClient, experiment_id: str, run_ids) -> int:
     """Mark FAILED the still-PENDING LoggedModels of runs whose process died (a fold killed
     between creating its model and finalizing it); how many. For the resume clean-up."""
